@@ -1,0 +1,348 @@
+"""Training recipes: a list of phases plus run-wide settings, loaded from YAML and validated before any work.
+
+A recipe is data. Every field is declared below with its unit; a key that no field declares is an error, not
+silently ignored. Loading checks the whole recipe (and, when a data root is given, the packed data it names)
+and raises RecipeError naming the file, the phase, the field, the bad value and what is allowed.
+
+Show the plan a recipe makes for a given number of workers and training images:
+
+    python -m gluon_imagenet.recipe show recipes/imagenet104.yaml --workers 8 --train-images 1281167
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+LR_METHODS = ("linear", "exp", "cosine")
+LR_SCALING_RULES = ("linear", "none")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be trained; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    epochs: tuple[int, int]  # [start, end) in epochs over the whole training set
+    lr: tuple[float, float]  # learning rate at the phase's first and last step, for reference_workers workers
+    lr_method: str  # how lr goes from lr[0] to lr[1], per iteration: linear, exp (geometric) or cosine
+    batch_size: int  # images per worker per step
+    image_size: int  # training crop, pixels (square)
+    data_dir: str  # packed data folder, relative to the data root: DATA_ROOT/<data_dir>/train.rec
+
+    @property
+    def num_epochs(self) -> int:
+        return self.epochs[1] - self.epochs[0]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    phases: tuple[Phase, ...]
+    reference_workers: int = 8  # number of workers the lr values were written for
+    lr_scaling: str = "linear"  # how lr changes with another number of workers: linear (x workers/reference) or none
+    weight_decay: float = 0.0  # L2 penalty on weights (not on BatchNorm or biases)
+    momentum: float = 0.9  # Nesterov momentum
+    label_smoothing: float = 0.0  # probability mass spread over all classes, 0 = off
+    warmup_epochs: float = 0.0  # lr ramps linearly from ~0 to the schedule over this many epochs, 0 = off
+    eval_image_size: int = 0  # evaluation center crop, pixels; 0 = the last phase's image_size
+    eval_data_dir: str = ""  # packed data folder holding val.rec; "" = the last phase's data_dir
+    name: str = ""  # free text shown in logs
+    source: str = field(default="", compare=False)  # file the recipe came from (not a YAML key)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.phases[-1].epochs[1]
+
+    @property
+    def resolved_eval_image_size(self) -> int:
+        return self.eval_image_size or self.phases[-1].image_size
+
+    @property
+    def resolved_eval_data_dir(self) -> str:
+        return self.eval_data_dir or self.phases[-1].data_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        out["phases"] = [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
+            for p in self.phases
+        ]
+        return out
+
+    def digest(self) -> str:
+        """Short hash of the recipe's content: a checkpoint records it so resume refuses another recipe."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_PHASE_FIELDS = {f.name for f in dataclasses.fields(Phase)}
+_RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
+
+
+def load_recipe(path: str, data_root: str | None = None) -> Recipe:
+    """Read and validate a recipe file; with data_root, also check the packed data each phase names."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return recipe_from_dict(raw, source=path, data_root=data_root)
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None = None) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with a 'phases' list, got {type(raw).__name__}")
+    _reject_unknown(raw, _RECIPE_FIELDS, source)
+    if "phases" not in raw or not isinstance(raw["phases"], list) or not raw["phases"]:
+        raise RecipeError(f"{source}: field 'phases': a non-empty list of phases is required")
+    phases = tuple(_parse_phase(p, i, source) for i, p in enumerate(raw["phases"]))
+    _check_phase_sequence(phases, source)
+
+    where = source
+    kwargs: dict[str, Any] = {"phases": phases, "source": source}
+    kwargs["reference_workers"] = _integer(raw, "reference_workers", 8, where, minimum=1)
+    kwargs["lr_scaling"] = _choice(raw, "lr_scaling", "linear", LR_SCALING_RULES, where)
+    kwargs["weight_decay"] = _number(raw, "weight_decay", 0.0, where, minimum=0.0)
+    kwargs["momentum"] = _number(raw, "momentum", 0.9, where, minimum=0.0, below=1.0)
+    kwargs["label_smoothing"] = _number(raw, "label_smoothing", 0.0, where, minimum=0.0, below=1.0)
+    kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", 0.0, where, minimum=0.0)
+    kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
+    kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)
+    kwargs["name"] = _text(raw, "name", "", where)
+    if kwargs["warmup_epochs"] > phases[-1].epochs[1]:
+        raise RecipeError(
+            f"{where}: field 'warmup_epochs': {kwargs['warmup_epochs']} is longer than the whole recipe "
+            f"({phases[-1].epochs[1]} epochs)")
+    recipe = Recipe(**kwargs)
+    if data_root is not None:
+        check_data(recipe, data_root)
+    else:
+        _check_sizes_against_dir_names(recipe)
+    return recipe
+
+
+def check_data(recipe: Recipe, data_root: str) -> None:
+    """Every phase's data dir holds train.rec/.idx, the eval dir holds val.rec/.idx, and no crop is larger
+    than the short side the data was packed at."""
+    if not os.path.isdir(data_root):
+        raise RecipeError(f"{recipe.source}: data root {data_root!r} does not exist; pack data with "
+                          "`python tools/im2rec_multi.py SRC --root DATA_ROOT` or pass --data-root")
+    for i, phase in enumerate(recipe.phases):
+        folder = os.path.join(data_root, phase.data_dir)
+        for name in ("train.rec", "train.idx"):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise RecipeError(
+                    f"{recipe.source}: {_phase_name(i, phase)}: field 'data_dir': {phase.data_dir!r} has no "
+                    f"{name} under {folder!r}; pack that size with tools/im2rec_multi.py --sizes ...")
+        _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
+                         packed_short_side(data_root, phase.data_dir), phase.data_dir)
+    folder = os.path.join(data_root, recipe.resolved_eval_data_dir)
+    for name in ("val.rec", "val.idx"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
+                              f"{name} under {folder!r}")
+    _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
+                     packed_short_side(data_root, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
+
+
+def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
+    """The short side data_dir was resized to: from its pack.json when packed by im2rec_multi, else the folder
+    name when it is a number (the convention 'recordio/160'), else unknown."""
+    if data_root is not None:
+        meta = os.path.join(data_root, data_dir, "pack.json")
+        if os.path.isfile(meta):
+            with open(meta) as f:
+                size = json.load(f).get("short_side")
+            if isinstance(size, int):
+                return size
+    return int(data_dir) if data_dir.isdigit() else None
+
+
+def _check_sizes_against_dir_names(recipe: Recipe) -> None:
+    for i, phase in enumerate(recipe.phases):
+        _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
+                         packed_short_side(None, phase.data_dir), phase.data_dir)
+    _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
+                     packed_short_side(None, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
+
+
+def _check_size_fits(source: str, where: str, size: int, short_side: int | None, data_dir: str) -> None:
+    if short_side is not None and size > short_side:
+        raise RecipeError(f"{source}: {where}: {size} px is larger than the {short_side} px short side of data dir "
+                          f"{data_dir!r}; use image_size <= {short_side} or a data dir packed larger")
+
+
+def _phase_name(index: int, phase: Phase | None = None) -> str:
+    if phase is None:
+        return f"phase {index + 1}"
+    return f"phase {index + 1} (epochs [{phase.epochs[0]}, {phase.epochs[1]}))"
+
+
+def _reject_unknown(raw: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(map(str, raw)) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse_phase(raw: Any, index: int, source: str) -> Phase:
+    where = f"{source}: {_phase_name(index)}"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a phase is a mapping of {', '.join(sorted(_PHASE_FIELDS))}, got {raw!r}")
+    _reject_unknown(raw, _PHASE_FIELDS, where)
+    missing = sorted(_PHASE_FIELDS - set(raw))
+    if missing:
+        raise RecipeError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
+    epochs = _pair(raw, "epochs", where, _as_int)
+    where = f"{source}: {_phase_name(index)} (epochs [{epochs[0]}, {epochs[1]}))"
+    if epochs[0] < 0 or epochs[1] <= epochs[0]:
+        raise RecipeError(f"{where}: field 'epochs': {list(epochs)} must be [start, end) with 0 <= start < end")
+    lr = _pair(raw, "lr", where, _as_float)
+    lr_method = _choice(raw, "lr_method", None, LR_METHODS, where)
+    if lr_method == "exp" and min(lr) <= 0:
+        raise RecipeError(f"{where}: field 'lr': {list(lr)} must be > 0 at both ends for lr_method 'exp' "
+                          "(geometric interpolation); use 'linear' to reach 0")
+    if min(lr) < 0:
+        raise RecipeError(f"{where}: field 'lr': {list(lr)} must not be negative")
+    data_dir = raw["data_dir"]
+    if isinstance(data_dir, int) and not isinstance(data_dir, bool):
+        data_dir = str(data_dir)  # `data_dir: 160` means the folder "160"
+    if not isinstance(data_dir, str) or not data_dir or os.path.isabs(data_dir):
+        raise RecipeError(f"{where}: field 'data_dir': {data_dir!r} must be a folder name relative to the data root")
+    return Phase(
+        epochs=epochs,
+        lr=lr,
+        lr_method=lr_method,
+        batch_size=_integer(raw, "batch_size", None, where, minimum=1),
+        image_size=_integer(raw, "image_size", None, where, minimum=8),
+        data_dir=data_dir,
+    )
+
+
+def _check_phase_sequence(phases: tuple[Phase, ...], source: str) -> None:
+    if phases[0].epochs[0] != 0:
+        raise RecipeError(f"{source}: {_phase_name(0, phases[0])}: field 'epochs': the first phase must start at "
+                          f"epoch 0, not {phases[0].epochs[0]}")
+    for i in range(1, len(phases)):
+        before, here = phases[i - 1].epochs[1], phases[i].epochs[0]
+        if here != before:
+            kind = "gap" if here > before else "overlap"
+            raise RecipeError(
+                f"{source}: {_phase_name(i, phases[i])}: field 'epochs': {kind} with the previous phase, which "
+                f"ends at epoch {before}; this phase must start at epoch {before}, not {here}")
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, str)):
+        return int(value)
+    raise ValueError
+
+
+def _as_float(value: Any) -> float:
+    # PyYAML reads `2e-4` (no dot) as text: accept it as the number the writer meant.
+    if isinstance(value, bool):
+        raise ValueError
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError
+    return result
+
+
+def _pair(raw: dict, key: str, where: str, convert) -> tuple:
+    value = raw[key]
+    try:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError
+        return tuple(convert(v) for v in value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}: field {key!r}: {value!r} must be a pair [start, end] of numbers") from None
+
+
+def _scalar(raw: dict, key: str, default: Any, where: str, convert, kind: str) -> Any:
+    if key not in raw:
+        if default is None:
+            raise RecipeError(f"{where}: missing field {key!r}")
+        return default
+    try:
+        return convert(raw[key])
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}: field {key!r}: {raw[key]!r} is not {kind}") from None
+
+
+def _integer(raw, key, default, where, minimum):
+    value = _scalar(raw, key, default, where, _as_int, "a whole number")
+    if value < minimum:
+        raise RecipeError(f"{where}: field {key!r}: {value} must be >= {minimum}")
+    return value
+
+
+def _number(raw, key, default, where, minimum, below=None):
+    value = _scalar(raw, key, default, where, _as_float, "a number")
+    if value < minimum or (below is not None and value >= below):
+        allowed = f">= {minimum}" + (f" and < {below}" if below is not None else "")
+        raise RecipeError(f"{where}: field {key!r}: {value} must be {allowed}")
+    return value
+
+
+def _text(raw, key, default, where):
+    value = raw.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise RecipeError(f"{where}: field {key!r}: {value!r} must be text")
+    return value
+
+
+def _choice(raw, key, default, allowed, where):
+    value = _scalar(raw, key, default, where, str, "text")
+    if value not in allowed:
+        raise RecipeError(f"{where}: field {key!r}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Imported here: schedule imports this module.
+    from gluon_imagenet.schedule import format_plan, make_plan
+
+    parser = argparse.ArgumentParser(prog="python -m gluon_imagenet.recipe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="validate a recipe and print its plan")
+    show.add_argument("recipe")
+    show.add_argument("--workers", type=int, default=None, help="number of workers (default: the recipe's)")
+    show.add_argument("--train-images", type=int, default=1281167, help="training images (default: ImageNet's)")
+    show.add_argument("--data-root", default=None, help="also check the packed data under this root")
+    show.add_argument("--lr-scaling", choices=LR_SCALING_RULES, default=None,
+                      help="override the recipe's lr scaling rule")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, data_root=args.data_root)
+        if args.lr_scaling:
+            recipe = dataclasses.replace(recipe, lr_scaling=args.lr_scaling)
+        plan = make_plan(recipe, train_images=args.train_images,
+                         workers=args.workers or recipe.reference_workers)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -141,13 +141,14 @@ def encode_item(item: Item) -> tuple[dict[int, bytes] | None, str]:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         return None, "not a decodable image"
+    if s.pass_through:
+        return {size: data for size in s.sizes}, ""
     out = {}
-    for size in s.sizes:
-        if s.pass_through:
-            payload = data
-        else:
-            payload = encode_jpeg(resize_short_side(image, size), s.quality)
-        out[size] = payload
+    # Largest size first, each smaller one from the previous result: every step shrinks by a small factor,
+    # where bilinear is both fast and alias-free enough (INTER_AREA costs 5x more at non-integer factors).
+    for size in sorted(s.sizes, reverse=True):
+        image = resize_short_side(image, size)
+        out[size] = encode_jpeg(image, s.quality)
     return out, ""
 
 
@@ -159,7 +160,13 @@ def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
         new_h, new_w = max(1, round(h * size / w)), size
     if (new_h, new_w) == (h, w):
         return image
-    interpolation = cv2.INTER_AREA if new_h < h else cv2.INTER_CUBIC
+    shrink = min(h, w) / size
+    if shrink > 2:
+        interpolation = cv2.INTER_AREA  # bilinear would skip pixels and alias
+    elif shrink >= 1:
+        interpolation = cv2.INTER_LINEAR
+    else:
+        interpolation = cv2.INTER_CUBIC  # enlarging a small image
     return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
 
 

@@ -52,6 +52,7 @@ class Recipe:
     weight_decay: float = 0.0  # L2 penalty on weights (not on BatchNorm or biases)
     momentum: float = 0.9  # Nesterov momentum
     label_smoothing: float = 0.0  # probability mass spread over all classes, 0 = off
+    min_random_area: float = 0.08  # smallest random-resized crop, as a fraction of the image's area
     warmup_epochs: float = 0.0  # lr ramps linearly from ~0 to the schedule over this many epochs, 0 = off
     eval_image_size: int = 0  # evaluation center crop, pixels; 0 = the last phase's image_size
     eval_data_dir: str = ""  # packed data folder holding val.rec; "" = the last phase's data_dir
@@ -117,6 +118,9 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     kwargs["weight_decay"] = _number(raw, "weight_decay", 0.0, where, minimum=0.0)
     kwargs["momentum"] = _number(raw, "momentum", 0.9, where, minimum=0.0, below=1.0)
     kwargs["label_smoothing"] = _number(raw, "label_smoothing", 0.0, where, minimum=0.0, below=1.0)
+    kwargs["min_random_area"] = _number(raw, "min_random_area", 0.08, where, minimum=0.01)
+    if kwargs["min_random_area"] > 1:
+        raise RecipeError(f"{where}: field 'min_random_area': {kwargs['min_random_area']} must be <= 1")
     kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", 0.0, where, minimum=0.0)
     kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
     kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)

@@ -142,6 +142,19 @@ def epoch_at(plan: Plan, step: int) -> tuple[int, int]:
     return p.phase.epochs[0] + done, within
 
 
+def epochs_done(plan: Plan, step: int) -> float:
+    """Epochs completed after `step` steps, fractional within an epoch."""
+    if step >= plan.total_steps:
+        return float(plan.total_epochs)
+    epoch, within = epoch_at(plan, step)
+    return epoch + within / phase_at(plan, step).steps_per_epoch
+
+
+def images_at(plan: Plan, step: int) -> int:
+    """Images processed by all workers together in the first `step` steps."""
+    return sum(max(0, min(step, p.end_step) - p.first_step) * p.phase.batch_size * p.workers for p in plan.phases)
+
+
 def step_at_epoch(plan: Plan, epoch: float) -> float:
     """Global step where (fractional) `epoch` begins."""
     for p in plan.phases:

@@ -1,0 +1,104 @@
+"""Checkpoints in a run folder: ckpt-<step>.params (network), .states (optimizer), .json (the record).
+
+Names sort by global step. Every file is written under a temporary name and renamed when complete; the
+.json, written last, holds the size and SHA-256 of the other two, so a damaged or partial checkpoint is
+recognised and skipped. The trainer writes them, the sweep evaluator reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    json_path: str
+    record: dict
+
+    @property
+    def params_path(self) -> str:
+        return self.json_path[: -len(".json")] + ".params"
+
+    @property
+    def states_path(self) -> str:
+        return self.json_path[: -len(".json")] + ".states"
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.json_path)[: -len(".json")]
+
+
+def prefix_for(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, f"ckpt-{step:08d}")
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
+    """Atomically save network, optimizer state and record for global `step` (steps completed)."""
+    prefix = prefix_for(run_dir, step)
+    files = {}
+    for ext, write in ((".params", net.save_parameters), (".states", trainer.save_states)):
+        temp = f"{prefix}{ext}.partial"
+        write(temp)
+        files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
+        os.replace(temp, prefix + ext)
+    record = dict(record, step=step, files=files)
+    temp = f"{prefix}.json.partial"
+    with open(temp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, prefix + ".json")
+    return Checkpoint(step, prefix + ".json", record)
+
+
+def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
+    """(checkpoint, "") when complete and intact, else (None, what is wrong)."""
+    try:
+        with open(ckpt_json) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"unreadable record ({e})"
+    step = int(NAME.match(os.path.basename(ckpt_json)).group(1))
+    ckpt = Checkpoint(step, ckpt_json, record)
+    for ext, path in ((".params", ckpt.params_path), (".states", ckpt.states_path)):
+        expected = record.get("files", {}).get(ext)
+        if not expected:
+            return None, f"record lists no {ext} file"
+        if not os.path.isfile(path):
+            return None, f"{os.path.basename(path)} is missing"
+        if os.path.getsize(path) != expected["bytes"]:
+            return None, f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
+        if _digest(path) != expected["sha256"]:
+            return None, f"{os.path.basename(path)} is damaged (checksum differs)"
+    return ckpt, ""
+
+
+def scan(run_dir: str) -> tuple[list[Checkpoint], list[tuple[str, str]]]:
+    """All checkpoints in run_dir sorted by step: (intact ones, [(name, problem)] for the damaged)."""
+    good, bad = [], []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if NAME.match(name):
+            ckpt, why = problem(os.path.join(run_dir, name))
+            if ckpt:
+                good.append(ckpt)
+            else:
+                bad.append((name[: -len(".json")], why))
+        elif name.startswith("ckpt-") and name.endswith(".params"):
+            if not os.path.exists(os.path.join(run_dir, name[: -len(".params")] + ".json")):
+                bad.append((name[: -len(".params")], "partial: no .json record (interrupted while saving)"))
+    bad.sort()
+    return good, bad

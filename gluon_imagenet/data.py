@@ -1,0 +1,117 @@
+"""Input pipelines over packed RecordIO: training batches for one epoch of a phase, and validation batches.
+
+Data modules build iterators and never touch the model. Batches are uint8 (the fastest ImageRecordIter output;
+it refuses float16): the model casts and normalises them on the device.
+
+Training iterators are created per epoch with a seed derived from the epoch, so the data stream of any epoch
+can be rebuilt exactly on resume by skipping the batches already trained. Re-creating ImageRecordIter costs
+memory (apache/mxnet#15218): measured here at about 0.5 MiB per re-creation (bench/phase_switch.py), which
+is 20 MiB over the seed's 40 epochs, so we accept it rather than keep one iterator per phase and lose exact
+resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import mxnet as mx
+
+# ImageNet channel statistics, RGB, 0-255 scale: applied on the device by the model's input block.
+MEAN_RGB = (123.68, 116.779, 103.939)
+STD_RGB = (58.393, 57.12, 57.375)
+
+
+class DataError(Exception):
+    """Packed data missing or inconsistent; found before any work."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    parts: int = 1
+
+
+def split_paths(data_root: str, data_dir: str, split: str) -> tuple[str, str]:
+    folder = os.path.join(data_root, data_dir)
+    return os.path.join(folder, f"{split}.rec"), os.path.join(folder, f"{split}.idx")
+
+
+def packed_count(data_root: str, data_dir: str, split: str) -> int:
+    """Images in a packed split: pack.json's count when im2rec_multi made it, else the .idx lines."""
+    meta = os.path.join(data_root, data_dir, "pack.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            entry = json.load(f).get("splits", {}).get(split)
+        if entry:
+            return int(entry["packed"])
+    _, idx = split_paths(data_root, data_dir, split)
+    with open(idx) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def read_class_names(data_root: str) -> list[str]:
+    path = os.path.join(data_root, "classes.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"{path!r} does not exist: pack the data with tools/im2rec_multi.py")
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t", 1)[1] for line in f if line.strip()]
+
+
+def train_images_for(data_root: str, data_dirs) -> int:
+    """The training set size; every phase's data dir must hold the same images (at another size)."""
+    counts = {d: packed_count(data_root, d, "train") for d in sorted(set(data_dirs))}
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{d}: {n}" for d, n in counts.items())
+        raise DataError(f"the phases' data dirs hold different numbers of training images ({listed}); pack them "
+                        "from the same tree in one im2rec_multi run")
+    return next(iter(counts.values()))
+
+
+def train_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int, shard: Shard, seed: int,
+                   threads: int, min_random_area: float = 0.08) -> mx.io.DataIter:
+    """Random-resized crop + mirror, shuffled, this rank's disjoint part of the training records."""
+    rec, idx = split_paths(data_root, data_dir, "train")
+    return mx.io.ImageRecordIter(
+        path_imgrec=rec, path_imgidx=idx, data_shape=(3, image_size, image_size), batch_size=batch_size,
+        dtype="uint8", shuffle=True, seed=seed, seed_aug=seed,
+        random_resized_crop=True,  # not together with rand_crop (they conflict)
+        min_random_area=min_random_area, max_random_area=1.0, min_aspect_ratio=3 / 4, max_aspect_ratio=4 / 3,
+        rand_mirror=True, num_parts=shard.parts, part_index=shard.rank, preprocess_threads=threads,
+        round_batch=True,  # full batches only: a short last batch is completed from the next pass
+    )
+
+
+def val_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int, threads: int,
+                 crop_fraction: float = 0.875) -> mx.io.DataIter:
+    """Single center crop: resize the short side to image_size / crop_fraction, crop image_size."""
+    rec, idx = split_paths(data_root, data_dir, "val")
+    return mx.io.ImageRecordIter(
+        path_imgrec=rec, path_imgidx=idx, data_shape=(3, image_size, image_size), batch_size=batch_size,
+        dtype="uint8", shuffle=False, resize=int(round(image_size / crop_fraction)), rand_crop=False,
+        rand_mirror=False, preprocess_threads=threads,
+        round_batch=False,  # the last batch is filled with stale data: callers count real samples themselves
+    )
+
+
+class EpochBatches:
+    """Exactly `steps` batches for one epoch, whatever the size of this rank's shard: a shard that runs out
+    starts over (so Horovod never waits on a rank with fewer batches, apache/mxnet#17651)."""
+
+    def __init__(self, iterator: mx.io.DataIter, steps: int, skip: int = 0):
+        self.iterator, self.steps, self.position = iterator, steps, 0
+        for _ in range(skip):  # resume mid-epoch: the same stream, without the batches already trained
+            self._next()
+
+    def _next(self):
+        self.position += 1
+        try:
+            return self.iterator.next()
+        except StopIteration:
+            self.iterator.reset()
+            return self.iterator.next()
+
+    def __iter__(self):
+        while self.position < self.steps:
+            batch = self._next()
+            yield batch.data[0], batch.label[0]

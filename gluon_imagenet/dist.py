@@ -1,0 +1,64 @@
+"""Distributed or not, decided once at start: one small object that every other module asks.
+
+Under `horovodrun`, Horovod is initialised and each rank uses GPU `local_rank` (never GPU 0 for everyone,
+horovod/horovod#2625); as a plain process, nothing distributed is imported. Only rank 0 prints and saves.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mxnet as mx
+
+
+@dataclass
+class Workers:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    horovod: object = None  # the horovod.mxnet module when distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls) -> "Workers":
+        """Horovod when launched by horovodrun (it sets HOROVOD_RANK), a single process otherwise."""
+        if "HOROVOD_RANK" not in os.environ:
+            return cls()
+        import horovod.mxnet as hvd
+
+        hvd.init()
+        return cls(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
+
+    def context(self, device: str) -> mx.Context:
+        return mx.gpu(self.local_rank) if device == "gpu" else mx.cpu()
+
+    def broadcast_parameters(self, params) -> None:
+        """Rank 0's initial (or resumed) parameters to every rank, before any forward pass."""
+        if self.horovod is not None:
+            self.horovod.broadcast_parameters(params, root_rank=0)
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> mx.gluon.Trainer:
+        if self.horovod is not None:
+            # Averages gradients over ranks with allreduce before each update.
+            return self.horovod.DistributedTrainer(params, optimizer, optimizer_params)
+        return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
+
+    def allreduce_sum(self, value: float, name: str) -> float:
+        if self.horovod is None:
+            return value
+        total = self.horovod.allreduce(mx.nd.array([value], dtype="float64"), average=False, name=name)
+        return float(total.asscalar())
+
+    def finish(self) -> None:
+        """Wait for this rank's pending work, then for every rank: a rank that exits while another still
+        finishes its last allreduce shuts Horovod down under it."""
+        mx.nd.waitall()
+        self.allreduce_sum(0.0, "finish")
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, flush=True, **kwargs)

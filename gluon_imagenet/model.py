@@ -1,0 +1,48 @@
+"""The network: a gluoncv ResNet behind an input block that casts uint8 batches and normalises them on the device.
+
+Shared by the trainer and the sweep evaluator, so a checkpoint always loads into the network that wrote it.
+"""
+from __future__ import annotations
+
+import mxnet as mx
+from gluoncv.model_zoo import get_model
+from mxnet.gluon import HybridBlock
+
+from gluon_imagenet.data import MEAN_RGB, STD_RGB
+
+# resnet50_v1b/v1d are the toolkit's networks; the small ones make CPU tests and demos fast.
+MODELS = ("resnet50_v1b", "resnet50_v1d", "resnet18_v1b", "resnet34_v1b")
+
+
+class Classifier(HybridBlock):
+    """uint8 NCHW RGB images in, class scores out."""
+
+    def __init__(self, net: HybridBlock, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.net = net
+            self.mean = self.params.get_constant("mean", mx.nd.array(MEAN_RGB).reshape((1, 3, 1, 1)))
+            self.std = self.params.get_constant("std", mx.nd.array(STD_RGB).reshape((1, 3, 1, 1)))
+
+    def hybrid_forward(self, F, x, mean, std):
+        return self.net(F.broadcast_div(F.broadcast_sub(F.cast(x, "float32"), mean), std))
+
+
+def build_model(name: str, classes: int) -> Classifier:
+    """Uninitialised network. The last BatchNorm of every residual block starts at gamma = 0 (each block
+    starts as the identity: Goyal et al. 2017)."""
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not one of {', '.join(MODELS)}")
+    return Classifier(get_model(name, classes=classes, last_gamma=True))
+
+
+def initialize(net: Classifier, ctx: mx.Context) -> None:
+    net.initialize(mx.init.MSRAPrelu(), ctx=ctx)
+
+
+def no_weight_decay(net: Classifier) -> int:
+    """Turn weight decay off for BatchNorm (gamma, beta) and biases; returns how many parameters."""
+    params = net.collect_params(".*gamma|.*beta|.*bias")
+    for param in params.values():
+        param.wd_mult = 0.0
+    return len(params.keys())

@@ -30,10 +30,10 @@ def _polygon(center, radius, angle, points, inner=None):
 
 def draw_shape(image: np.ndarray, shape: str, rng: np.random.Generator) -> None:
     h, w = image.shape[:2]
-    radius = rng.uniform(0.18, 0.38) * min(h, w)
+    radius = rng.uniform(0.25, 0.42) * min(h, w)
     center = (rng.uniform(radius, w - radius), rng.uniform(radius, h - radius))
     angle = rng.uniform(0, 2 * math.pi)
-    color = tuple(int(c) for c in rng.integers(0, 256, 3))
+    color = shape_colour(rng)
     c = tuple(int(v) for v in center)
     thick = max(2, int(radius * 0.18))
     if shape == "disc":
@@ -71,18 +71,20 @@ def draw_shape(image: np.ndarray, shape: str, rng: np.random.Generator) -> None:
 
 
 def textured_background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth colour gradient plus blurred noise and a few distractor lines: JPEG-realistic texture."""
-    base = rng.integers(0, 256, (2, 2, 3)).astype(np.float32)
+    """A muted colour gradient with blurred and fine noise: texture for JPEG, but the shape stands out."""
+    base = rng.integers(70, 186, (2, 2, 3)).astype(np.float32)
     image = cv2.resize(base, (w, h), interpolation=cv2.INTER_LINEAR)
-    noise = rng.normal(0, 40, (h // 4 + 1, w // 4 + 1, 3)).astype(np.float32)
+    noise = rng.normal(0, 18, (h // 8 + 1, w // 8 + 1, 3)).astype(np.float32)
     image += cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
-    image += rng.normal(0, 8, (h, w, 3)).astype(np.float32)
-    image = np.clip(image, 0, 255).astype(np.uint8)
-    for _ in range(3):
-        p1 = tuple(int(v) for v in rng.integers(0, [w, h]))
-        p2 = tuple(int(v) for v in rng.integers(0, [w, h]))
-        cv2.line(image, p1, p2, tuple(int(v) for v in rng.integers(0, 256, 3)), 1, cv2.LINE_AA)
-    return image
+    image += rng.normal(0, 5, (h, w, 3)).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def shape_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A saturated colour, very dark or very bright: always in contrast with the muted background."""
+    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(170, 256), rng.choice([rng.integers(0, 50),
+                                                                                  rng.integers(225, 256)])]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0])
 
 
 def make_image(shape: str, rng: np.random.Generator, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ import os
 import queue
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from gluon_imagenet import checkpoint
 from gluon_imagenet.recipe import packed_short_side
@@ -363,8 +363,8 @@ def report(args, store: ResultStore, jobs: list[Job]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def sweep_once(args, run, data_root, devices, store) -> tuple[list[Job], int, int]:
-    """Evaluate what is new; returns (all selected jobs, evaluated now, failed)."""
+def sweep_once(args, run, data_root, devices, store) -> list[Job]:
+    """Evaluate the selected checkpoints not evaluated yet; returns every selected one."""
     jobs, bad = plan_jobs(args, run, data_root)
     for name, why in bad:
         print(f"skipping {name}: {why}", file=sys.stderr)
@@ -374,7 +374,7 @@ def sweep_once(args, run, data_root, devices, store) -> tuple[list[Job], int, in
     errors = run_jobs(todo, devices, data_root, args, store) if todo else []
     for line in errors:
         print(f"failed: {line}", file=sys.stderr)
-    return jobs, len(todo) - len(errors), len(errors) + len(bad)
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,11 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.run_dir)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}, size policy "
           f"{args.size_policy}, data {data_root}")
-    jobs, evaluated, failed = sweep_once(args, run, data_root, devices, store)
-    while args.watch and not any(store.results.get(j.key) and j.record.get("final") for j in jobs):
+    jobs = sweep_once(args, run, data_root, devices, store)
+    while args.watch and not any(j.key in store.results and j.record.get("final") for j in jobs):
         time.sleep(args.poll_seconds)
-        jobs, more, fails = sweep_once(args, run, data_root, devices, store)
-        evaluated, failed = evaluated + more, fails
+        jobs = sweep_once(args, run, data_root, devices, store)
     report(args, store, jobs)
     if not store.rows(j.key for j in jobs):
         print("error: no checkpoint could be evaluated", file=sys.stderr)

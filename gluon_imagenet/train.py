@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,9 @@ class Run:
             if phase.end_step > self.start_step:
                 self.train_phase(phase, max(self.start_step, phase.first_step))
         self.workers.finish()
+        # Every rank reports: equal digests show the ranks stayed in step.
+        print(f"rank {self.workers.rank}/{self.workers.size}: finished at step {self.plan.total_steps}, "
+              f"parameter digest {parameter_digest(self.learner.net)}", flush=True)
         self.workers.print(f"done: {self.plan.total_steps} steps, {self.wall_seconds():.0f} s wall, "
                            f"{self.train_seconds:.0f} s training; checkpoints in {self.run_dir}")
 
@@ -268,6 +272,14 @@ class Run:
             record["loss_scale"] = self.learner.loss_scale
         saved = checkpoint.save(self.run_dir, step, self.learner.net, self.learner.trainer, record)
         self.last_good = saved.name
+
+
+def parameter_digest(net) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(net._collect_params_with_prefix().items()):
+        digest.update(name.encode())
+        digest.update(param.data().asnumpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class ProgressLog:

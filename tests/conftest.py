@@ -1,9 +1,11 @@
 """Shared fixtures: small image trees and packed data, made by the tests with the project's own tools."""
 import os
+import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One MXNet/OpenMP thread per process: the tests run several processes on two cores.
@@ -33,3 +35,41 @@ def packed_root(shapes_tree, tmp_path_factory):
     proc = run_tool(["tools/im2rec_multi.py", shapes_tree, "--root", root, "--sizes", "40", "72", "--workers", "2"])
     assert proc.returncode == 0, proc.stderr
     return root
+
+
+TWO_PHASES = {
+    "name": "test-two-phases", "reference_workers": 1, "weight_decay": 1.0e-4, "momentum": 0.9,
+    "eval_image_size": 64, "min_random_area": 0.5,
+    "phases": [
+        {"epochs": [0, 3], "lr": [0.05, 0.2], "lr_method": "linear", "batch_size": 16, "image_size": 32,
+         "data_dir": "40"},
+        {"epochs": [3, 5], "lr": [0.2, 0.01], "lr_method": "exp", "batch_size": 8, "image_size": 64,
+         "data_dir": "72"},
+    ]}
+
+
+def write_recipe(folder, recipe=TWO_PHASES, name="recipe.yaml"):
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    return path
+
+
+def train_cmd(recipe, data_root, run_dir, *extra):
+    return ["-m", "gluon_imagenet.train", "--recipe", recipe, "--data-root", data_root, "--run-dir", run_dir,
+            "--model", "resnet18_v1b", "--log-every", "1", "--threads", "1", *extra]
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def single_run(packed_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("single")
+    recipe = write_recipe(str(folder))
+    run_dir = str(folder / "run")
+    proc = run_tool(train_cmd(recipe, packed_root, run_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return recipe, run_dir, proc.stdout

@@ -1,2 +1,68 @@
-"""The end-to-end demo: not yet available."""
-print("demo: not yet available (pack -> train -> sweep land in later issues)")
+"""The whole job on a small generated dataset: generate -> pack -> train (horovodrun, 2 ranks) -> sweep.
+
+    make demo                      # sets up .venv first, then runs this
+    .venv/bin/python tools/demo.py --out demo --train-per-class 300 --val-per-class 40
+
+Every step is one of the toolkit's own command lines, printed before it runs. Re-running continues: the images
+and packed data are kept, training resumes from its newest checkpoint, the sweep evaluates only new ones.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def step(title, cmd, env=None):
+    print(f"\n=== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"demo: '{title}' failed with exit code {proc.returncode}; fix the error above and re-run "
+                 "(finished steps are kept)")
+    return time.time() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo", help="folder for images, packed data and the run (default: demo)")
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--val-per-class", type=int, default=40)
+    p.add_argument("--recipe", default="recipes/demo.yaml")
+    p.add_argument("--sizes", nargs="+", default=["40", "80"], help="short sides to pack (the recipe's data dirs)")
+    p.add_argument("--model", default="resnet18_v1b", help="resnet18_v1b keeps the CPU demo short")
+    p.add_argument("--np", type=int, default=2, help="training processes (horovodrun -np)")
+    p.add_argument("--target-top1", default="0.7")
+    a = p.parse_args()
+
+    python = sys.executable
+    bin_dir = os.path.dirname(python)
+    images, recordio, run = (os.path.join(a.out, name) for name in ("images", "recordio", "run"))
+    seconds = {}
+    if not os.path.isdir(os.path.join(images, "val")):
+        seconds["generate"] = step("1/4 generate a small dataset in the ImageNet layout", [
+            python, "-m", "gluon_imagenet.demo_data", images, "--train-per-class", str(a.train_per_class),
+            "--val-per-class", str(a.val_per_class)])
+    seconds["pack"] = step("2/4 pack it into RecordIO at two sizes", [
+        python, "tools/im2rec_multi.py", images, "--root", recordio, "--sizes", *a.sizes])
+    # One thread per rank: the ranks share the machine's cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1")
+    train = [os.path.join(bin_dir, "horovodrun"), "--gloo", "-np", str(a.np), "-H", f"localhost:{a.np}", python,
+             "-m", "gluon_imagenet.train", "--recipe", a.recipe, "--data-root", recordio, "--run-dir", run,
+             "--model", a.model, "--threads", "1"]
+    if os.path.isdir(run):
+        train.append("--resume")
+    seconds["train"] = step(f"3/4 train with progressive resizing on {a.np} Horovod ranks", train, env)
+    seconds["sweep"] = step("4/4 evaluate every checkpoint on 2 worker processes", [
+        python, "-m", "gluon_imagenet.sweep_eval", "--run-dir", run, "--workers", "2", "--target-top1",
+        a.target_top1])
+    print("\n=== demo done: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    print(f"plot: {os.path.join(run, 'sweep.png')}   table: {os.path.join(run, 'sweep.csv')}   training log: "
+          f"{os.path.join(run, 'metrics.jsonl')}   run record: {os.path.join(run, 'run.json')}")
+
+
+if __name__ == "__main__":
+    main()

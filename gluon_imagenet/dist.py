@@ -47,6 +47,15 @@ class Workers:
             return self.horovod.DistributedTrainer(params, optimizer, optimizer_params)
         return mx.gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
 
+    def average_running_stats(self, net) -> None:
+        """BatchNorm running means and variances are updated by each rank from its own data and never
+        allreduced: average them (before a checkpoint) so every rank and the saved network hold the same ones."""
+        if self.horovod is None:
+            return
+        for name, param in sorted(net._collect_params_with_prefix().items()):
+            if param.grad_req == "null" and "running" in name:
+                self.horovod.allreduce_(param.data(), average=True, name=f"running_stats.{name}")
+
     def allreduce_sum(self, value: float, name: str) -> float:
         if self.horovod is None:
             return value

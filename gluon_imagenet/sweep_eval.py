@@ -111,7 +111,10 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
     def short(d):
         return packed_short_side(data_root, d) or 0
 
-    if os.path.isfile(os.path.join(data_root, preferred, "val.rec")) and short(preferred) >= size:
+    if not os.path.isfile(os.path.join(data_root, preferred, "val.rec")):
+        raise SweepError(f"no validation data {os.path.join(data_root, preferred, 'val.rec')!r}; pack the val "
+                         "split with tools/im2rec_multi.py")
+    if short(preferred) >= size:
         return preferred
     packed = sorted((d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, "val.rec"))),
                     key=short)
@@ -388,12 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         good, bad = checkpoint.scan(args.run_dir)
         if not good and not bad and not args.watch:
             raise SweepError(f"no checkpoints in {args.run_dir!r}")
-        jobs, _ = plan_jobs(args, run, data_root)
-        for job in jobs:
-            rec, _ = (os.path.join(data_root, job.data_dir, f"val.{ext}") for ext in ("rec", "idx"))
-            if not os.path.isfile(rec):
-                raise SweepError(f"no validation data {rec!r} for {job.checkpoint}; pack it with "
-                                 "tools/im2rec_multi.py (the val split)")
+        plan_jobs(args, run, data_root)  # every selected checkpoint has its validation data
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

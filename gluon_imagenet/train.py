@@ -255,6 +255,7 @@ class Run:
                            "Lower the learning rate or check the data, then --resume.")
 
     def save(self, step: int, lr: float, loss: float) -> None:
+        self.workers.average_running_stats(self.learner.net)  # every rank takes part
         if not self.workers.is_main:
             return
         if self.bad_losses:

@@ -1,0 +1,182 @@
+"""Benchmarks of the trainer against its bare peers, side by side in one run:
+
+    .venv/bin/python bench/trainer_bench.py input    # trainer's input pipeline vs a bare ImageRecordIter
+    .venv/bin/python bench/trainer_bench.py loop     # Learner.step vs a minimal hand-written Gluon loop
+    .venv/bin/python bench/trainer_bench.py switch   # phase switches: time to first step, memory after 1 and 10
+
+Data: generated 500x375 JPEGs packed at short sides 160 and 320 (in a temporary folder).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_data(work, images):
+    from gluon_imagenet.demo_data import CLASSES, generate
+
+    src = os.path.join(work, "src")
+    generate(src, train_per_class=max(1, images // len(CLASSES)), val_per_class=1, size=(375, 500))
+    root = os.path.join(work, "recordio")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "im2rec_multi.py"), src, "--root", root, "--sizes",
+                    "160", "320"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return root
+
+
+def bench_input(root, batches, threads):
+    import mxnet as mx
+
+    from gluon_imagenet.data import EpochBatches, Shard, split_paths, train_iterator
+
+    print(f"{'size':>5} {'batch':>5} {'bare img/s':>11} {'trainer img/s':>14} {'ratio':>6}")
+    for size, batch, data_dir in ((128, 64, "160"), (224, 32, "320"), (288, 32, "320")):
+        rates = {}
+        for which in ("bare", "trainer", "bare2", "trainer2"):  # interleaved, best of two
+            if which.startswith("bare"):
+                rec, idx = split_paths(root, data_dir, "train")
+                it = mx.io.ImageRecordIter(
+                    path_imgrec=rec, path_imgidx=idx, data_shape=(3, size, size), batch_size=batch, dtype="uint8",
+                    shuffle=True, seed=0, seed_aug=0, random_resized_crop=True, min_random_area=0.08,
+                    max_random_area=1.0, min_aspect_ratio=3 / 4, max_aspect_ratio=4 / 3, rand_mirror=True,
+                    preprocess_threads=threads, round_batch=True)
+                stream = ((b.data[0], b.label[0]) for b in _forever(it))
+            else:
+                it = train_iterator(root, data_dir, size, batch, Shard(), 0, threads)
+                stream = iter(EpochBatches(it, batches + 2))
+            for k in range(batches + 2):
+                if k == 2:
+                    start = time.perf_counter()
+                data, label = next(stream)
+                data.as_in_context(mx.cpu()).wait_to_read()
+            rate = batches * batch / (time.perf_counter() - start)
+            key = which.rstrip("2")
+            rates[key] = max(rates.get(key, 0), rate)
+            del stream, it
+        print(f"{size:>5} {batch:>5} {rates['bare']:>11.1f} {rates['trainer']:>14.1f} "
+              f"{rates['trainer'] / rates['bare']:>6.3f}")
+
+
+def _forever(it):
+    while True:
+        try:
+            yield it.next()
+        except StopIteration:
+            it.reset()
+
+
+def bench_loop(model, size, batch, steps):
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from gluon_imagenet.model import build_model, initialize, no_weight_decay
+
+    data = mx.nd.random.randint(0, 256, shape=(batch, 3, size, size)).astype("uint8")
+    label = mx.nd.random.randint(0, 10, shape=(batch,))
+
+    def trainer_rate():
+        from types import SimpleNamespace
+
+        from gluon_imagenet.dist import Workers
+        from gluon_imagenet.recipe import recipe_from_dict
+        from gluon_imagenet.schedule import make_plan
+        from gluon_imagenet.train import Learner, Setup
+
+        recipe = recipe_from_dict({"reference_workers": 1, "weight_decay": 1e-4, "phases": [
+            {"epochs": [0, 1], "lr": [0.01, 0.01], "lr_method": "linear", "batch_size": batch, "image_size": size,
+             "data_dir": "x"}]})
+        setup = Setup(SimpleNamespace(seed=0, model=model), Workers(), make_plan(recipe, 1000, 1),
+                      [str(i) for i in range(10)], mx.cpu(), False, 1)
+        learner = Learner(setup)
+        return timed(lambda: learner.step(data, label, 0.01))
+
+    def bare_rate():
+        net = build_model(model, 10)
+        initialize(net, mx.cpu())
+        no_weight_decay(net)
+        net.hybridize(static_alloc=True, static_shape=True)
+        trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.01, "momentum": 0.9, "wd": 1e-4})
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+        def one():
+            with autograd.record():
+                loss = loss_fn(net(data), label)
+            loss.backward()
+            trainer.step(batch)
+            return loss.mean().asscalar()
+        return timed(one)
+
+    def timed(fn):
+        for _ in range(2):
+            fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return steps * batch / (time.perf_counter() - start)
+
+    bare, ours = [], []
+    for _ in range(2):  # interleaved, best of two
+        bare.append(bare_rate())
+        ours.append(trainer_rate())
+    print(f"{model} {size} px batch {batch}, {steps} steps: bare Gluon loop {max(bare):.2f} img/s, trainer "
+          f"{max(ours):.2f} img/s, ratio {max(ours) / max(bare):.3f}")
+
+
+def bench_switch(root, threads):
+    import mxnet as mx
+    import psutil
+
+    from gluon_imagenet.data import EpochBatches, Shard, train_iterator
+
+    process = psutil.Process()
+    sizes = [(128, 32, "160"), (224, 16, "320"), (288, 8, "320")]
+    print(f"{'switch':>6} {'size':>5} {'to first batch s':>17} {'RSS MiB':>8}")
+    rss = {}
+    for switch in range(1, 11):
+        size, batch, data_dir = sizes[switch % len(sizes)]
+        start = time.perf_counter()
+        it = train_iterator(root, data_dir, size, batch, Shard(), switch, threads)
+        for data, _ in EpochBatches(it, 3):
+            data.as_in_context(mx.cpu()).wait_to_read()
+            first = time.perf_counter() - start
+            break
+        for _ in EpochBatches(it, 3):
+            pass
+        del it
+        rss[switch] = process.memory_info().rss / 2 ** 20
+        print(f"{switch:>6} {size:>5} {first:>17.3f} {rss[switch]:>8.1f}")
+    print(f"RSS after 10 switches / after 1: {rss[10] / rss[1]:.3f} ({rss[10] - rss[1]:+.1f} MiB)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("input", "loop", "switch"))
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--model", default="resnet50_v1b")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args()
+    if a.what == "loop":
+        bench_loop(a.model, a.size, a.batch, a.steps)
+        return
+    work = tempfile.mkdtemp(prefix="bench_trainer_")
+    try:
+        root = make_data(work, a.images)
+        if a.what == "input":
+            bench_input(root, a.batches, a.threads)
+        else:
+            bench_switch(root, a.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The newcomer's demo, at a smaller scale, through the same entry points (tools/demo.py)."""
+import csv
+import os
+
+import pytest
+
+from conftest import TWO_PHASES, run_tool, write_recipe
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path):
+    recipe = dict(TWO_PHASES, reference_workers=2)
+    recipe["phases"] = [dict(p, epochs=e) for p, e in zip(TWO_PHASES["phases"], ([0, 2], [2, 3]))]
+    path = write_recipe(str(tmp_path), recipe)
+    out = str(tmp_path / "demo")
+    args = ["tools/demo.py", "--out", out, "--train-per-class", "8", "--val-per-class", "3", "--recipe", path,
+            "--sizes", "40", "72", "--target-top1", "0.05"]
+    proc = run_tool(args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for title in ("1/4 generate", "2/4 pack", "3/4 train", "4/4 evaluate", "demo done"):
+        assert title in proc.stdout
+    with open(os.path.join(out, "run", "sweep.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [3, 5, 8]  # 80 images / (16 x 2): 3 steps; then / (8 x 2): 5
+    assert {r["images"] for r in rows} == {"30"}
+    assert "time to top-1 >= 5.00%" in proc.stdout
+    assert os.path.getsize(os.path.join(out, "run", "sweep.png")) > 0
+
+    again = run_tool(args, timeout=900)  # re-running continues: nothing is trained or evaluated twice
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already packed" in again.stdout and "3 checkpoint(s) already evaluated" in again.stdout
+    assert "resuming from ckpt-00000008" in again.stdout

@@ -32,7 +32,7 @@ def make_data(work, images):
 def bench_input(root, batches, threads):
     import mxnet as mx
 
-    from gluon_imagenet.data import EpochBatches, Shard, split_paths, train_iterator
+    from gluon_imagenet.data import BatchStream, Shard, split_paths, train_iterator
 
     print(f"{'size':>5} {'batch':>5} {'bare img/s':>11} {'trainer img/s':>14} {'ratio':>6}")
     for size, batch, data_dir in ((128, 64, "160"), (224, 32, "320"), (288, 32, "320")):
@@ -48,7 +48,7 @@ def bench_input(root, batches, threads):
                 stream = ((b.data[0], b.label[0]) for b in _forever(it))
             else:
                 it = train_iterator(root, data_dir, size, batch, Shard(), 0, threads)
-                stream = iter(EpochBatches(it, batches + 2))
+                stream = BatchStream(it).take(batches + 2)
             for k in range(batches + 2):
                 if k == 2:
                     start = time.perf_counter()
@@ -127,30 +127,32 @@ def bench_loop(model, size, batch, steps):
           f"{max(ours):.2f} img/s, ratio {max(ours) / max(bare):.3f}")
 
 
-def bench_switch(root, threads):
+def bench_switch(root, threads, switches=10):
     import mxnet as mx
     import psutil
 
-    from gluon_imagenet.data import EpochBatches, Shard, train_iterator
+    from gluon_imagenet.data import BatchStream, Shard, train_iterator
 
     process = psutil.Process()
     sizes = [(128, 32, "160"), (224, 16, "320"), (288, 8, "320")]
     print(f"{'switch':>6} {'size':>5} {'to first batch s':>17} {'RSS MiB':>8}")
     rss = {}
-    for switch in range(1, 11):
+    for switch in range(1, switches + 1):
         size, batch, data_dir = sizes[switch % len(sizes)]
         start = time.perf_counter()
         it = train_iterator(root, data_dir, size, batch, Shard(), switch, threads)
-        for data, _ in EpochBatches(it, 3):
+        stream = BatchStream(it)
+        for data, _ in stream.take(1):
             data.as_in_context(mx.cpu()).wait_to_read()
             first = time.perf_counter() - start
-            break
-        for _ in EpochBatches(it, 3):
+        for _ in stream.take(3):
             pass
-        del it
+        del stream, it
         rss[switch] = process.memory_info().rss / 2 ** 20
         print(f"{switch:>6} {size:>5} {first:>17.3f} {rss[switch]:>8.1f}")
-    print(f"RSS after 10 switches / after 1: {rss[10] / rss[1]:.3f} ({rss[10] - rss[1]:+.1f} MiB)")
+    last = max(rss)
+    print(f"RSS after {last} switches / after 1: {rss[last] / rss[1]:.3f} ({rss[last] - rss[1]:+.1f} MiB, "
+          f"{(rss[last] - rss[1]) / (last - 1):.1f} MiB per switch)")
 
 
 def main():
@@ -163,6 +165,7 @@ def main():
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--switches", type=int, default=10)
     a = p.parse_args()
     if a.what == "loop":
         bench_loop(a.model, a.size, a.batch, a.steps)
@@ -173,7 +176,7 @@ def main():
         if a.what == "input":
             bench_input(root, a.batches, a.threads)
         else:
-            bench_switch(root, a.threads)
+            bench_switch(root, a.threads, a.switches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

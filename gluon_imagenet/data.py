@@ -3,11 +3,10 @@
 Data modules build iterators and never touch the model. Batches are uint8 (the fastest ImageRecordIter output;
 it refuses float16): the model casts and normalises them on the device.
 
-Training iterators are created per epoch with a seed derived from the epoch, so the data stream of any epoch
-can be rebuilt exactly on resume by skipping the batches already trained. Re-creating ImageRecordIter costs
-memory (apache/mxnet#15218): measured here at about 0.5 MiB per re-creation (bench/phase_switch.py), which
-is 20 MiB over the seed's 40 epochs, so we accept it rather than keep one iterator per phase and lose exact
-resume.
+One training iterator per phase (a new image size and batch size), read as an endless stream across the
+phase's epochs. Not one per epoch: re-creating ImageRecordIter leaks about its prefetch buffers each time
+(apache/mxnet#15218; measured here at 8-11 MiB per re-creation at 224 px, batch 16: bench/trainer_bench.py
+switch), which at ImageNet batch sizes would be gigabytes over 40 epochs.
 """
 from __future__ import annotations
 
@@ -94,24 +93,27 @@ def val_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int
     )
 
 
-class EpochBatches:
-    """Exactly `steps` batches for one epoch, whatever the size of this rank's shard: a shard that runs out
-    starts over (so Horovod never waits on a rank with fewer batches, apache/mxnet#17651)."""
+class BatchStream:
+    """Endless batches from one iterator: a shard that runs out starts over, so every rank runs exactly the
+    planned steps whatever the size of its shard (Horovod must not wait on a rank: apache/mxnet#17651)."""
 
-    def __init__(self, iterator: mx.io.DataIter, steps: int, skip: int = 0):
-        self.iterator, self.steps, self.position = iterator, steps, 0
-        for _ in range(skip):  # resume mid-epoch: the same stream, without the batches already trained
-            self._next()
+    def __init__(self, iterator: mx.io.DataIter):
+        self.iterator = iterator
 
     def _next(self):
-        self.position += 1
         try:
             return self.iterator.next()
         except StopIteration:
             self.iterator.reset()
             return self.iterator.next()
 
-    def __iter__(self):
-        while self.position < self.steps:
+    def skip(self, count: int) -> None:
+        """Resume mid-epoch: drop the batches already trained in it."""
+        for _ in range(count):
+            self._next()
+
+    def take(self, count: int):
+        """The next `count` batches as (data, label)."""
+        for _ in range(count):
             batch = self._next()
             yield batch.data[0], batch.label[0]

@@ -36,7 +36,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from gluon_imagenet import checkpoint
-from gluon_imagenet.data import DataError, EpochBatches, Shard, read_class_names, train_images_for, train_iterator
+from gluon_imagenet.data import BatchStream, DataError, Shard, read_class_names, train_images_for, train_iterator
 from gluon_imagenet.dist import Workers
 from gluon_imagenet.model import MODELS, build_model, initialize, no_weight_decay
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
@@ -220,32 +220,38 @@ class Run:
                            f"{self.train_seconds:.0f} s training; checkpoints in {self.run_dir}")
 
     def train_phase(self, phase: PhasePlan, start: int) -> None:
-        """Global steps [start, phase end): a new iterator each epoch, for the phase's size and batch."""
+        """Global steps [start, phase end), from one iterator for the phase's image size and batch size."""
         ph, args = phase.phase, self.args
-        first_epoch, _ = epoch_at(self.plan, start)
+        first_epoch, within = epoch_at(self.plan, start)
         self.workers.print(f"phase {phase.index + 1}: epochs {first_epoch}-{ph.epochs[1]}, {ph.image_size} px, "
                            f"batch {ph.batch_size} x {self.workers.size}, data {ph.data_dir}, lr "
                            f"{phase.lr_start:g} -> {phase.lr_end:g} ({ph.lr_method})")
+        tick = time.time()
+        # Seeded by the epoch it starts at: a resumed phase draws a new order instead of replaying the old one.
+        iterator = train_iterator(args.data_root, ph.data_dir, ph.image_size, ph.batch_size,
+                                  Shard(self.workers.rank, self.workers.size), args.seed + first_epoch,
+                                  self.setup.threads, self.plan.recipe.min_random_area)
+        batches = BatchStream(iterator)
+        batches.skip(within)
+        step = start
         for epoch in range(first_epoch, ph.epochs[1]):
-            epoch_start = phase.first_step + (epoch - ph.epochs[0]) * phase.steps_per_epoch
-            tick = time.time()
-            iterator = train_iterator(args.data_root, ph.data_dir, ph.image_size, ph.batch_size,
-                                      Shard(self.workers.rank, self.workers.size), args.seed + epoch,
-                                      self.setup.threads, self.plan.recipe.min_random_area)
-            batches = EpochBatches(iterator, phase.steps_per_epoch, skip=max(0, start - epoch_start))
-            for step, (data, label) in enumerate(batches, epoch_start + batches.position):
+            epoch_end = phase.first_step + (epoch + 1 - ph.epochs[0]) * phase.steps_per_epoch
+            for data, label in batches.take(epoch_end - step):
                 lr = lr_at(self.plan, step)
                 loss = self.learner.step(data, label, lr)
                 self.check_loss(loss, step, lr)
                 self.log.step(step, epoch, phase, lr, loss)
-                if args.save_every_steps and (step + 1) % args.save_every_steps == 0 \
-                        and step + 1 < epoch_start + phase.steps_per_epoch:
-                    self.train_seconds += time.time() - tick
-                    self.save(step + 1, lr, loss)
-                    tick = time.time()
-            del batches, iterator  # release the iterator's threads and buffers before the next one
-            self.train_seconds += time.time() - tick
-            self.save(epoch_start + phase.steps_per_epoch, lr, loss)
+                step += 1
+                if args.save_every_steps and step % args.save_every_steps == 0 and step < epoch_end:
+                    tick = self.save_timed(step, lr, loss, tick)
+            tick = self.save_timed(step, lr, loss, tick)
+        del batches, iterator  # release this phase's decode threads and buffers before the next phase
+
+    def save_timed(self, step: int, lr: float, loss: float, tick: float) -> float:
+        """Save, keeping the time spent saving out of the training seconds; returns the new start tick."""
+        self.train_seconds += time.time() - tick
+        self.save(step, lr, loss)
+        return time.time()
 
     def check_loss(self, loss: float, step: int, lr: float) -> None:
         self.bad_losses = 0 if math.isfinite(loss) else self.bad_losses + 1
@@ -419,7 +425,7 @@ def measure(setup: Setup) -> None:
             iterator = train_iterator(args.data_root, ph.data_dir, ph.image_size, ph.batch_size,
                                       Shard(workers.rank, workers.size), args.seed, setup.threads,
                                       setup.plan.recipe.min_random_area)
-            batches = iter(EpochBatches(iterator, args.bench_steps + 2))
+            batches = BatchStream(iterator).take(args.bench_steps + 2)
         for k, (data, label) in enumerate(batches):
             if k == 2:  # two warm-up steps: graph building, memory planning, prefetch
                 start = time.perf_counter()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import mxnet as mx
 
+from gluon_imagenet.pack import PackError, read_classes
+
 # ImageNet channel statistics, RGB, 0-255 scale: applied on the device by the model's input block.
 MEAN_RGB = (123.68, 116.779, 103.939)
 STD_RGB = (58.393, 57.12, 57.375)
@@ -50,11 +52,11 @@ def packed_count(data_root: str, data_dir: str, split: str) -> int:
 
 
 def read_class_names(data_root: str) -> list[str]:
-    path = os.path.join(data_root, "classes.txt")
-    if not os.path.isfile(path):
-        raise DataError(f"{path!r} does not exist: pack the data with tools/im2rec_multi.py")
-    with open(path) as f:
-        return [line.rstrip("\n").split("\t", 1)[1] for line in f if line.strip()]
+    """The class folder names in label order, as packed (ROOT/classes.txt)."""
+    try:
+        return read_classes(data_root)
+    except PackError as e:
+        raise DataError(str(e)) from None
 
 
 def train_images_for(data_root: str, data_dirs) -> int:

@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from gluon_imagenet.files import atomic_open
+
 NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 
 
@@ -56,12 +58,8 @@ def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
         files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
         os.replace(temp, prefix + ext)
     record = dict(record, step=step, files=files)
-    temp = f"{prefix}.json.partial"
-    with open(temp, "w") as f:
+    with atomic_open(prefix + ".json") as f:  # written last: its presence marks the checkpoint complete
         json.dump(record, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, prefix + ".json")
     return Checkpoint(step, prefix + ".json", record)
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from gluon_imagenet.files import atomic_open
+
 SPLITS = ("train", "val")
 RECORD_MAGIC = 0xCED7230A
 _IRHEADER = struct.Struct("IfQQ")  # mx.recordio.IRHeader: flag, label, id, id2
@@ -229,12 +231,8 @@ def read_meta(folder: str) -> dict:
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    temp = f"{path}.partial"
-    with open(temp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
 
 
 def _split_key(items: list[Item], classes: list[str], settings: Settings, size: int, seed: int) -> str:
@@ -285,10 +283,9 @@ def pack_split(split: str, items: list[Item], classes: list[str], settings: Sett
     for w in writers.values():
         w.commit()
     report = os.path.join(root, f"{split}.skipped.tsv")
-    with open(report + ".partial", "w") as f:
+    with atomic_open(report) as f:
         f.write("path\treason\n")
         f.writelines(f"{path}\t{reason}\n" for path, reason in skipped)
-    os.replace(report + ".partial", report)
     counts = {"found": len(items), "packed": len(items) - len(skipped), "skipped": len(skipped)}
     for size in todo:
         folder = os.path.join(root, str(size))
@@ -397,9 +394,8 @@ def write_classes(root: str, classes: list[str], force: bool) -> None:
             raise PackError(f"{path!r} lists {len(existing)} other classes than SRC/train ({len(classes)}): labels "
                             "would disagree between packs; use another --root or --force to rebuild everything")
         return
-    with open(path + ".partial", "w") as f:
+    with atomic_open(path) as f:
         f.writelines(f"{i}\t{c}\n" for i, c in enumerate(classes))
-    os.replace(path + ".partial", path)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from gluon_imagenet import checkpoint
+from gluon_imagenet.files import atomic_open
 from gluon_imagenet.recipe import packed_short_side
 
 RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
@@ -285,16 +286,14 @@ class ResultStore:
         return sorted((self.results[k] for k in keys if k in self.results), key=lambda r: r["step"])
 
     def _write_json(self) -> None:
-        with open(self.json_path + ".partial", "w") as f:
+        with atomic_open(self.json_path) as f:
             json.dump({"results": self.results}, f, indent=1, sort_keys=True)
-        os.replace(self.json_path + ".partial", self.json_path)
 
     def _write_csv(self) -> None:
-        with open(self.csv_path + ".partial", "w", newline="") as f:
+        with atomic_open(self.csv_path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(sorted(self.results.values(), key=lambda r: (r["step"], r["image_size"])))
-        os.replace(self.csv_path + ".partial", self.csv_path)
 
 
 def time_to_accuracy(rows: list[dict], target_top5: float | None, target_top1: float | None) -> dict | None:

@@ -38,6 +38,7 @@ from mxnet import autograd, gluon
 from gluon_imagenet import checkpoint
 from gluon_imagenet.data import BatchStream, DataError, Shard, read_class_names, train_images_for, train_iterator
 from gluon_imagenet.dist import Workers
+from gluon_imagenet.files import atomic_open
 from gluon_imagenet.model import MODELS, build_model, initialize, no_weight_decay
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
 from gluon_imagenet.schedule import (PhasePlan, Plan, epoch_at, epochs_done, images_at, lr_at, make_plan,
@@ -148,9 +149,17 @@ class Learner:
         no_weight_decay(self.net)
         if checkpoint_to_load:
             self.net.load_parameters(checkpoint_to_load.params_path, ctx=self.ctx)
-        self.net.hybridize(static_alloc=True, static_shape=True)
-        # Before any forward pass: deferred parameters are broadcast as they are initialised.
+        else:
+            # Give every parameter its shape now, imperatively and in training mode, so the broadcast below
+            # sends real arrays: broadcasting deferred parameters from inside the first hybridized forward pass
+            # crashed rank 0 here now and then (segfault), and an inference-mode pass kills it with MKLDNN.
+            size = setup.plan.phases[0].phase.image_size
+            with autograd.train_mode():
+                self.net(mx.nd.zeros((2, 3, size, size), dtype="uint8", ctx=self.ctx))
+            mx.nd.waitall()
+        # Rank 0's parameters (and BatchNorm statistics) to every rank before training starts.
         setup.workers.broadcast_parameters(self.net.collect_params())
+        self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = setup.workers.make_trainer(self.net.collect_params(), "nag", {
             "learning_rate": setup.plan.phases[0].lr_start, "momentum": recipe.momentum,
             "wd": recipe.weight_decay, "multi_precision": self.amp})
@@ -403,9 +412,8 @@ def write_run_json(setup: Setup) -> None:
             "phases": [{"first_step": p.first_step, "end_step": p.end_step, "steps_per_epoch": p.steps_per_epoch,
                         "image_size": p.phase.image_size, "data_dir": p.phase.data_dir} for p in plan.phases]}
     path = os.path.join(args.run_dir, "run.json")
-    with open(path + ".partial", "w") as f:
+    with atomic_open(path) as f:
         json.dump(info, f, indent=1)
-    os.replace(path + ".partial", path)
 
 
 # ------------------------------------------------------------------------------------------------ measuring

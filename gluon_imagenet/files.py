@@ -1,0 +1,19 @@
+"""Writing files so that a crash never leaves one that looks complete."""
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs):
+    """Write to PATH.partial; rename it over PATH only when the block ends without error."""
+    temp = path + ".partial"
+    try:
+        with open(temp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    os.replace(temp, path)

@@ -85,18 +85,47 @@ def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
     return ckpt, ""
 
 
+def _candidates(run_dir: str) -> list[tuple[str, str | None]]:
+    """(name, record path or None for a save interrupted before its record), sorted by step; nothing verified."""
+    found = {}
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if NAME.match(name):
+            found[name[: -len(".json")]] = os.path.join(run_dir, name)
+        elif name.startswith("ckpt-") and name.endswith(".params"):
+            found.setdefault(name[: -len(".params")], None)
+    return sorted(found.items())
+
+
+def _check(name: str, record_path: str | None) -> tuple[Checkpoint | None, str]:
+    if record_path is None:
+        return None, "partial: no .json record (interrupted while saving)"
+    return problem(record_path)
+
+
+def exists_any(run_dir: str) -> bool:
+    """Whether run_dir holds any checkpoint file, intact or not (cheap: reads no file)."""
+    return bool(_candidates(run_dir))
+
+
 def scan(run_dir: str) -> tuple[list[Checkpoint], list[tuple[str, str]]]:
     """All checkpoints in run_dir sorted by step: (intact ones, [(name, problem)] for the damaged)."""
     good, bad = [], []
-    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
-        if NAME.match(name):
-            ckpt, why = problem(os.path.join(run_dir, name))
-            if ckpt:
-                good.append(ckpt)
-            else:
-                bad.append((name[: -len(".json")], why))
-        elif name.startswith("ckpt-") and name.endswith(".params"):
-            if not os.path.exists(os.path.join(run_dir, name[: -len(".params")] + ".json")):
-                bad.append((name[: -len(".params")], "partial: no .json record (interrupted while saving)"))
-    bad.sort()
+    for name, record_path in _candidates(run_dir):
+        ckpt, why = _check(name, record_path)
+        if ckpt:
+            good.append(ckpt)
+        else:
+            bad.append((name, why))
     return good, bad
+
+
+def newest_intact(run_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+    """The newest intact checkpoint, verifying newest first (each check hashes the files), and the damaged
+    ones newer than it."""
+    damaged = []
+    for name, record_path in reversed(_candidates(run_dir)):
+        ckpt, why = _check(name, record_path)
+        if ckpt:
+            return ckpt, damaged
+        damaged.append((name, why))
+    return None, damaged

@@ -17,3 +17,15 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
             os.remove(temp)
         raise
     os.replace(temp, path)
+
+
+def make_writable_dir(path: str) -> str:
+    """Create path if needed and prove a file can be written there; returns "" or why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gluon_imagenet.files import atomic_open
+from gluon_imagenet.files import atomic_open, make_writable_dir
 
 SPLITS = ("train", "val")
 RECORD_MAGIC = 0xCED7230A
@@ -440,13 +440,9 @@ def check_args(args) -> None:
         raise PackError(f"--workers {args.workers}: must be >= 1")
     if args.val_labels and not os.path.isfile(args.val_labels):
         raise PackError(f"--val-labels {args.val_labels!r} does not exist")
-    try:
-        os.makedirs(args.root, exist_ok=True)
-        probe = os.path.join(args.root, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise PackError(f"--root {args.root!r} is not writable: {e.strerror}") from None
+    problem = make_writable_dir(args.root)
+    if problem:
+        raise PackError(f"--root {args.root!r} is not writable: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,7 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     if data_root is not None:
         check_data(recipe, data_root)
     else:
-        _check_sizes_against_dir_names(recipe)
+        _check_sizes(recipe, None)
     return recipe
 
 
@@ -150,15 +150,12 @@ def check_data(recipe: Recipe, data_root: str) -> None:
                 raise RecipeError(
                     f"{recipe.source}: {_phase_name(i, phase)}: field 'data_dir': {phase.data_dir!r} has no "
                     f"{name} under {folder!r}; pack that size with tools/im2rec_multi.py --sizes ...")
-        _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
-                         packed_short_side(data_root, phase.data_dir), phase.data_dir)
     folder = os.path.join(data_root, recipe.resolved_eval_data_dir)
     for name in ("val.rec", "val.idx"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
                               f"{name} under {folder!r}")
-    _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
-                     packed_short_side(data_root, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
+    _check_sizes(recipe, data_root)
 
 
 def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
@@ -174,12 +171,13 @@ def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
     return int(data_dir) if data_dir.isdigit() else None
 
 
-def _check_sizes_against_dir_names(recipe: Recipe) -> None:
+def _check_sizes(recipe: Recipe, data_root: str | None) -> None:
+    """No crop larger than its data dir's short side (known from pack.json, or a numeric folder name)."""
     for i, phase in enumerate(recipe.phases):
         _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
-                         packed_short_side(None, phase.data_dir), phase.data_dir)
+                         packed_short_side(data_root, phase.data_dir), phase.data_dir)
     _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
-                     packed_short_side(None, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
+                     packed_short_side(data_root, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
 
 
 def _check_size_fits(source: str, where: str, size: int, short_side: int | None, data_dir: str) -> None:

@@ -365,9 +365,8 @@ def report(args, store: ResultStore, jobs: list[Job]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def sweep_once(args, run, data_root, devices, store) -> list[Job]:
-    """Evaluate the selected checkpoints not evaluated yet; returns every selected one."""
-    jobs, bad = plan_jobs(args, run, data_root)
+def sweep_once(args, jobs: list[Job], bad, data_root, devices, store) -> None:
+    """Evaluate the planned checkpoints not evaluated yet; report the damaged ones."""
     for name, why in bad:
         print(f"skipping {name}: {why}", file=sys.stderr)
     todo = [j for j in jobs if j.key not in store.results]
@@ -376,7 +375,6 @@ def sweep_once(args, run, data_root, devices, store) -> list[Job]:
     errors = run_jobs(todo, devices, data_root, args, store) if todo else []
     for line in errors:
         print(f"failed: {line}", file=sys.stderr)
-    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,10 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
         devices = check_devices(args)
-        good, bad = checkpoint.scan(args.run_dir)
-        if not good and not bad and not args.watch:
+        if not checkpoint.exists_any(args.run_dir) and not args.watch:
             raise SweepError(f"no checkpoints in {args.run_dir!r}")
-        plan_jobs(args, run, data_root)  # every selected checkpoint has its validation data
+        jobs, bad = plan_jobs(args, run, data_root)  # every selected checkpoint has its validation data
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -399,10 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     store = ResultStore(args.run_dir)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}, size policy "
           f"{args.size_policy}, data {data_root}")
-    jobs = sweep_once(args, run, data_root, devices, store)
+    sweep_once(args, jobs, bad, data_root, devices, store)
     while args.watch and not any(j.key in store.results and j.record.get("final") for j in jobs):
         time.sleep(args.poll_seconds)
-        jobs = sweep_once(args, run, data_root, devices, store)
+        jobs, bad = plan_jobs(args, run, data_root)
+        sweep_once(args, jobs, bad, data_root, devices, store)
     report(args, store, jobs)
     if not store.rows(j.key for j in jobs):
         print("error: no checkpoint could be evaluated", file=sys.stderr)

@@ -34,11 +34,12 @@ import time
 
 import mxnet as mx
 from mxnet import autograd, gluon
+from mxnet.contrib import amp
 
 from gluon_imagenet import checkpoint
 from gluon_imagenet.data import BatchStream, DataError, Shard, read_class_names, train_images_for, train_iterator
 from gluon_imagenet.dist import Workers
-from gluon_imagenet.files import atomic_open
+from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.model import MODELS, build_model, initialize, no_weight_decay
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
 from gluon_imagenet.schedule import (PhasePlan, Plan, epoch_at, epochs_done, images_at, lr_at, make_plan,
@@ -118,15 +119,10 @@ def prepare(args, workers: Workers) -> Setup:
 
 
 def _check_run_dir(run_dir: str, resume: bool) -> None:
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SetupError(f"--run-dir {run_dir!r} is not writable: {e.strerror}") from None
-    good, bad = checkpoint.scan(run_dir)
-    if (good or bad) and not resume:
+    problem = make_writable_dir(run_dir)
+    if problem:
+        raise SetupError(f"--run-dir {run_dir!r} is not writable: {problem}")
+    if checkpoint.exists_any(run_dir) and not resume:
         raise SetupError(f"--run-dir {run_dir!r} already holds checkpoints: pass --resume to continue that run, "
                          "or choose a new --run-dir")
 
@@ -140,8 +136,6 @@ class Learner:
         self.ctx, self.amp, self.workers = setup.ctx, setup.amp, setup.workers
         self.classes, self.smoothing = len(setup.classes), recipe.label_smoothing
         if self.amp:
-            from mxnet.contrib import amp
-
             amp.init()  # must run before the network is built
         mx.random.seed(args.seed)
         self.net = build_model(args.model, self.classes)
@@ -164,8 +158,6 @@ class Learner:
             "learning_rate": setup.plan.phases[0].lr_start, "momentum": recipe.momentum,
             "wd": recipe.weight_decay, "multi_precision": self.amp})
         if self.amp:
-            from mxnet.contrib import amp
-
             amp.init_trainer(self.trainer)
         if checkpoint_to_load:
             self.trainer.load_states(checkpoint_to_load.states_path)
@@ -183,8 +175,6 @@ class Learner:
         with autograd.record():
             loss = self.loss_fn(self.net(data), label)
             if self.amp:
-                from mxnet.contrib import amp
-
                 with amp.scale_loss(loss, self.trainer) as scaled:
                     autograd.backward(scaled)
             else:
@@ -360,19 +350,17 @@ def choose_checkpoint(setup: Setup) -> checkpoint.Checkpoint | None:
     args, workers = setup.args, setup.workers
     chosen = None
     if args.resume:
-        good, bad = checkpoint.scan(args.run_dir)
-        newest_good = good[-1].step if good else -1
-        for name, why in bad:
-            if int(name.split("-")[1]) > newest_good:
-                workers.print(f"warning: checkpoint {name} is unusable ({why}); using an older one", file=sys.stderr)
-        chosen = good[-1] if good else None
+        chosen, damaged = checkpoint.newest_intact(args.run_dir)
+        for name, why in damaged:
+            workers.print(f"warning: checkpoint {name} is unusable ({why}); using an older one", file=sys.stderr)
+    # Every rank verified the same files; rank 0's choice decides, should one of them have seen another.
     step = int(workers.allreduce_sum(float(chosen.step if chosen and workers.is_main else 0), "resume_step"))
     if step == 0:
         if args.resume:
             workers.print(f"no checkpoint in {args.run_dir}: starting from step 0")
         return None
-    good, _ = checkpoint.scan(args.run_dir)
-    chosen = next((c for c in good if c.step == step), None)
+    if chosen is None or chosen.step != step:  # this rank sees other files than rank 0: load rank 0's step
+        chosen, _ = checkpoint.problem(checkpoint.prefix_for(args.run_dir, step) + ".json")
     if chosen is None:
         raise SetupError(f"rank {workers.rank} cannot read checkpoint step {step} in {args.run_dir}: every rank "
                          "needs the run dir (a shared file system across machines)")

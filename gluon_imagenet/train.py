@@ -153,6 +153,7 @@ class Learner:
             mx.nd.waitall()
         # Rank 0's parameters (and BatchNorm statistics) to every rank before training starts.
         setup.workers.broadcast_parameters(self.net.collect_params())
+        mx.nd.waitall()  # the broadcast writes the parameters asynchronously: finish before the graph is built
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = setup.workers.make_trainer(self.net.collect_params(), "nag", {
             "learning_rate": setup.plan.phases[0].lr_start, "momentum": recipe.momentum,

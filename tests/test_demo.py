@@ -16,7 +16,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     args = ["tools/demo.py", "--out", out, "--train-per-class", "8", "--val-per-class", "3", "--recipe", path,
             "--sizes", "40", "72", "--target-top1", "0.05"]
     proc = run_tool(args, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # all of it: a rank's crash report can be long
     for title in ("1/4 generate", "2/4 pack", "3/4 train", "4/4 evaluate", "demo done"):
         assert title in proc.stdout
     with open(os.path.join(out, "run", "sweep.csv")) as f:

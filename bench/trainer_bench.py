@@ -32,19 +32,14 @@ def make_data(work, images):
 def bench_input(root, batches, threads):
     import mxnet as mx
 
-    from gluon_imagenet.data import BatchStream, Shard, split_paths, train_iterator
+    from gluon_imagenet.data import BatchStream, Shard, train_iterator, train_iterator_kwargs
 
     print(f"{'size':>5} {'batch':>5} {'bare img/s':>11} {'trainer img/s':>14} {'ratio':>6}")
     for size, batch, data_dir in ((128, 64, "160"), (224, 32, "320"), (288, 32, "320")):
         rates = {}
         for which in ("bare", "trainer", "bare2", "trainer2"):  # interleaved, best of two
-            if which.startswith("bare"):
-                rec, idx = split_paths(root, data_dir, "train")
-                it = mx.io.ImageRecordIter(
-                    path_imgrec=rec, path_imgidx=idx, data_shape=(3, size, size), batch_size=batch, dtype="uint8",
-                    shuffle=True, seed=0, seed_aug=0, random_resized_crop=True, min_random_area=0.08,
-                    max_random_area=1.0, min_aspect_ratio=3 / 4, max_aspect_ratio=4 / 3, rand_mirror=True,
-                    preprocess_threads=threads, round_batch=True)
+            if which.startswith("bare"):  # the same ImageRecordIter, read with a plain loop
+                it = mx.io.ImageRecordIter(**train_iterator_kwargs(root, data_dir, size, batch, Shard(), 0, threads))
                 stream = ((b.data[0], b.label[0]) for b in _forever(it))
             else:
                 it = train_iterator(root, data_dir, size, batch, Shard(), 0, threads)
@@ -79,21 +74,22 @@ def bench_loop(model, size, batch, steps):
     data = mx.nd.random.randint(0, 256, shape=(batch, 3, size, size)).astype("uint8")
     label = mx.nd.random.randint(0, 10, shape=(batch,))
 
-    def trainer_rate():
-        from types import SimpleNamespace
-
+    def trainer_rate(amp_dtype=None):
+        from gluon_imagenet.devices import Device
         from gluon_imagenet.dist import Workers
-        from gluon_imagenet.recipe import recipe_from_dict
-        from gluon_imagenet.schedule import make_plan
-        from gluon_imagenet.train import Learner, Setup
+        from gluon_imagenet.learner import Learner
 
-        recipe = recipe_from_dict({"reference_workers": 1, "weight_decay": 1e-4, "phases": [
-            {"epochs": [0, 1], "lr": [0.01, 0.01], "lr_method": "linear", "batch_size": batch, "image_size": size,
-             "data_dir": "x"}]})
-        setup = Setup(SimpleNamespace(seed=0, model=model), Workers(), make_plan(recipe, 1000, 1),
-                      [str(i) for i in range(10)], mx.cpu(), False, 1)
-        learner = Learner(setup)
-        return timed(lambda: learner.step(data, label, 0.01))
+        learner = Learner(model=model, classes=10, device=Device("cpu"), ranks=Workers(), seed=0, lr=0.01,
+                          momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, first_image_size=size,
+                          amp_dtype=amp_dtype)
+        # The trainer reads the loss back only at log steps: one read per 20 steps, as with --log-every 20.
+        losses = []
+
+        def one():
+            losses.append(learner.step(data, label, 0.01))
+            if len(losses) == 20:
+                losses.clear()
+        return timed(one)
 
     def bare_rate():
         net = build_model(model, 10)
@@ -114,9 +110,11 @@ def bench_loop(model, size, batch, steps):
     def timed(fn):
         for _ in range(2):
             fn()
+        mx.nd.waitall()
         start = time.perf_counter()
         for _ in range(steps):
             fn()
+        mx.nd.waitall()  # steps the trainer has queued but not finished count too
         return steps * batch / (time.perf_counter() - start)
 
     bare, ours = [], []
@@ -125,6 +123,21 @@ def bench_loop(model, size, batch, steps):
         ours.append(trainer_rate())
     print(f"{model} {size} px batch {batch}, {steps} steps: bare Gluon loop {max(bare):.2f} img/s, trainer "
           f"{max(ours):.2f} img/s, ratio {max(ours) / max(bare):.3f}")
+    # AMP last: amp.init changes this process for good.
+    from mxnet.contrib import amp
+
+    from gluon_imagenet.devices import cpu_supports_bfloat16
+
+    if cpu_supports_bfloat16():
+        amp.init(target_dtype="bfloat16")
+        label_ = "AMP bfloat16"
+    else:
+        # MXNet's bfloat16 kernels fail here ("could not create a primitive descriptor iterator"): measure what
+        # AMP's plumbing alone costs (loss scaler, overflow check: one read-back per step), arithmetic float32.
+        amp.init(target_dtype="bfloat16", target_precision_ops=[], conditional_fp32_ops=[], fp32_ops=[])
+        label_ = "AMP plumbing only (no bfloat16 on this CPU)"
+    rate = max(trainer_rate("bfloat16") for _ in range(2))
+    print(f"trainer with {label_}: {rate:.2f} img/s, ratio to trainer float32 {rate / max(ours):.3f}")
 
 
 def bench_switch(root, threads, switches=10):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
     """Atomically save network, optimizer state and record for global `step` (steps completed)."""
     prefix = prefix_for(run_dir, step)
     files = {}
-    for ext, write in ((".params", net.save_parameters), (".states", trainer.save_states)):
+    for ext, write in ((".params", net.save_parameters), (".states", lambda path: save_optimizer_states(trainer, path))):
         temp = f"{prefix}{ext}.partial"
         write(temp)
         files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
@@ -61,6 +62,52 @@ def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
     with atomic_open(prefix + ".json") as f:  # written last: its presence marks the checkpoint complete
         json.dump(record, f, indent=1, sort_keys=True)
     return Checkpoint(step, prefix + ".json", record)
+
+
+def save_optimizer_states(trainer, path: str) -> None:
+    """What Trainer.save_states writes, with every array copied to the CPU first. save_states pickles them on
+    their device, and unpickling puts them back on that device whenever a GPU exists (src/ndarray/ndarray.cc,
+    NDArray::Load): every rank resuming would open a context on the GPU of the rank that saved. From the CPU,
+    MXNet's Updater moves each state to its weight's device at the first update (sync_state_context in
+    python/mxnet/optimizer/optimizer.py)."""
+    import mxnet as mx
+
+    def to_cpu(state):
+        if isinstance(state, mx.nd.NDArray):
+            return state.copyto(mx.cpu())
+        if isinstance(state, (tuple, list)):
+            return type(state)(to_cpu(s) for s in state)
+        return state
+
+    updater = trainer._updaters[0]  # Horovod and single-process trainers update locally (no kvstore)
+    states = {index: to_cpu(state) for index, state in updater.states.items()}
+    with open(path, "wb") as f:
+        f.write(pickle.dumps((states, updater.optimizer)))
+
+
+def is_mid_epoch(record: dict) -> bool:
+    return not float(record.get("epoch", 0)).is_integer()
+
+
+def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` mid-epoch checkpoints (epoch checkpoints all stay: the sweep evaluates
+    them). The record goes first, so an interrupted deletion leaves what looks like an interrupted save, which
+    resume and the sweep skip. Returns the names deleted."""
+    mid = []
+    for name, record_path in _candidates(run_dir):
+        try:
+            with open(record_path) as f:
+                if is_mid_epoch(json.load(f)):
+                    mid.append(name)
+        except (TypeError, OSError, ValueError):
+            continue  # partial or damaged: not ours to judge here
+    doomed = mid[:-keep] if keep else []
+    for name in doomed:
+        for ext in (".json", ".params", ".states"):
+            path = os.path.join(run_dir, name + ext)
+            if os.path.exists(path):
+                os.remove(path)
+    return doomed
 
 
 def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:

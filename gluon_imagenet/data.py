@@ -69,30 +69,54 @@ def train_images_for(data_root: str, data_dirs) -> int:
     return next(iter(counts.values()))
 
 
-def train_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int, shard: Shard, seed: int,
-                   threads: int, min_random_area: float = 0.08) -> mx.io.DataIter:
-    """Random-resized crop + mirror, shuffled, this rank's disjoint part of the training records."""
+@dataclass(frozen=True)
+class Augmentation:
+    """Random-resized crop and mirroring of training images (ImageRecordIter's own augmenter)."""
+    min_random_area: float = 0.08  # smallest crop, fraction of the image's area
+    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # range of the crop's width / height
+    mirror: bool = True  # random horizontal flips (off for digits, text, signs)
+
+
+def train_iterator_kwargs(data_root: str, data_dir: str, image_size: int, batch_size: int, shard: Shard, seed: int,
+                          threads: int, augmentation: Augmentation = Augmentation(), device_id: int = -1) -> dict:
+    """ImageRecordIter's arguments for one phase: random-resized crop + mirror, shuffled, this rank's disjoint part.
+
+    No `seed_aug`: it re-seeds each image's augmenter with its position in the batch + seed_aug
+    (src/io/iter_image_recordio_2.cc), so every batch would repeat the same crops and flips by position.
+    Without it each decode thread draws from its own stream, which goes on across batches and epochs."""
     rec, idx = split_paths(data_root, data_dir, "train")
-    return mx.io.ImageRecordIter(
+    return dict(
         path_imgrec=rec, path_imgidx=idx, data_shape=(3, image_size, image_size), batch_size=batch_size,
-        dtype="uint8", shuffle=True, seed=seed, seed_aug=seed,
+        dtype="uint8", shuffle=True, seed=seed,
         random_resized_crop=True,  # not together with rand_crop (they conflict)
-        min_random_area=min_random_area, max_random_area=1.0, min_aspect_ratio=3 / 4, max_aspect_ratio=4 / 3,
-        rand_mirror=True, num_parts=shard.parts, part_index=shard.rank, preprocess_threads=threads,
+        min_random_area=augmentation.min_random_area, max_random_area=1.0,
+        min_aspect_ratio=augmentation.aspect_ratio[0], max_aspect_ratio=augmentation.aspect_ratio[1],
+        rand_mirror=augmentation.mirror, num_parts=shard.parts, part_index=shard.rank, preprocess_threads=threads,
         round_batch=True,  # full batches only: a short last batch is completed from the next pass
+        device_id=device_id,  # see devices.py: pinned buffers for the rank's own GPU, plain memory on a CPU
     )
 
 
+def train_iterator(*args, **kwargs) -> mx.io.DataIter:
+    return mx.io.ImageRecordIter(**train_iterator_kwargs(*args, **kwargs))
+
+
 def val_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int, threads: int,
-                 crop_fraction: float = 0.875) -> mx.io.DataIter:
+                 crop_fraction: float = 0.875, device_id: int = -1) -> mx.io.DataIter:
     """Single center crop: resize the short side to image_size / crop_fraction, crop image_size."""
     rec, idx = split_paths(data_root, data_dir, "val")
     return mx.io.ImageRecordIter(
         path_imgrec=rec, path_imgidx=idx, data_shape=(3, image_size, image_size), batch_size=batch_size,
         dtype="uint8", shuffle=False, resize=int(round(image_size / crop_fraction)), rand_crop=False,
-        rand_mirror=False, preprocess_threads=threads,
+        rand_mirror=False, preprocess_threads=threads, device_id=device_id,
         round_batch=False,  # the last batch is filled with stale data: callers count real samples themselves
     )
+
+
+def input_buffer_bytes(batch_size: int, image_size: int) -> int:
+    """Host memory one training iterator holds in batches: the decoder's batch, PrefetcherIter's queue (up to
+    4 by default, src/io/iter_prefetcher.h) and the one being read, each uint8 images + float32 labels."""
+    return 6 * batch_size * (3 * image_size * image_size + 4)
 
 
 class BatchStream:

@@ -33,9 +33,6 @@ class Workers:
         hvd.init()
         return cls(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
 
-    def context(self, device: str) -> mx.Context:
-        return mx.gpu(self.local_rank) if device == "gpu" else mx.cpu()
-
     def broadcast_parameters(self, params) -> None:
         """Rank 0's initial (or resumed) parameters to every rank, before any forward pass."""
         if self.horovod is not None:
@@ -54,13 +51,17 @@ class Workers:
             return
         for name, param in sorted(net._collect_params_with_prefix().items()):
             if param.grad_req == "null" and "running" in name:
-                self.horovod.allreduce_(param.data(), average=True, name=f"running_stats.{name}")
+                self.horovod.allreduce_(param.data(), op=self.horovod.Average, name=f"running_stats.{name}")
 
     def allreduce_sum(self, value: float, name: str) -> float:
+        return float(self.allreduce_sums([value], name)[0])
+
+    def allreduce_sums(self, values, name: str) -> list[float]:
+        """Element-wise sums over every rank (each rank must call it with the same length and name)."""
         if self.horovod is None:
-            return value
-        total = self.horovod.allreduce(mx.nd.array([value], dtype="float64"), average=False, name=name)
-        return float(total.asscalar())
+            return [float(v) for v in values]
+        total = self.horovod.allreduce(mx.nd.array(values, dtype="float64"), op=self.horovod.Sum, name=name)
+        return total.asnumpy().tolist()
 
     def finish(self) -> None:
         """Wait for this rank's pending work, then for every rank: a rank that exits while another still

@@ -9,9 +9,7 @@ from gluoncv.model_zoo import get_model
 from mxnet.gluon import HybridBlock
 
 from gluon_imagenet.data import MEAN_RGB, STD_RGB
-
-# resnet50_v1b/v1d are the toolkit's networks; the small ones make CPU tests and demos fast.
-MODELS = ("resnet50_v1b", "resnet50_v1d", "resnet18_v1b", "resnet34_v1b")
+from gluon_imagenet.names import MODELS
 
 
 class Classifier(HybridBlock):
@@ -40,9 +38,7 @@ def initialize(net: Classifier, ctx: mx.Context) -> None:
     net.initialize(mx.init.MSRAPrelu(), ctx=ctx)
 
 
-def no_weight_decay(net: Classifier) -> int:
-    """Turn weight decay off for BatchNorm (gamma, beta) and biases; returns how many parameters."""
-    params = net.collect_params(".*gamma|.*beta|.*bias")
-    for param in params.values():
+def no_weight_decay(net: Classifier) -> None:
+    """Turn weight decay off for BatchNorm (gamma, beta) and biases."""
+    for param in net.collect_params(".*gamma|.*beta|.*bias").values():
         param.wd_mult = 0.0
-    return len(params.keys())

@@ -24,6 +24,9 @@ import yaml
 
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
+# Images per worker per step. The largest ResNet-50 batches on one accelerator are a few thousand images; a
+# larger value is a typo, and would fail only when the input pipeline tries to allocate it.
+MAX_BATCH_SIZE = 16384
 
 
 class RecipeError(ValueError):
@@ -53,6 +56,8 @@ class Recipe:
     momentum: float = 0.9  # Nesterov momentum
     label_smoothing: float = 0.0  # probability mass spread over all classes, 0 = off
     min_random_area: float = 0.08  # smallest random-resized crop, as a fraction of the image's area
+    aspect_ratio: tuple[float, float] = (0.75, 4 / 3)  # random-resized crop's width / height, [min, max]
+    mirror: bool = True  # random horizontal flips; turn off where left and right differ (digits, text, signs)
     warmup_epochs: float = 0.0  # lr ramps linearly from ~0 to the schedule over this many epochs, 0 = off
     eval_image_size: int = 0  # evaluation center crop, pixels; 0 = the last phase's image_size
     eval_data_dir: str = ""  # packed data folder holding val.rec; "" = the last phase's data_dir
@@ -90,19 +95,37 @@ _PHASE_FIELDS = {f.name for f in dataclasses.fields(Phase)}
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
 
 
-def load_recipe(path: str, data_root: str | None = None) -> Recipe:
-    """Read and validate a recipe file; with data_root, also check the packed data each phase names."""
+def load_recipe(path: str, data_root: str | None = None, require_val: bool = True) -> Recipe:
+    """Read and validate a recipe file; with data_root, also check the packed data each phase names (and the
+    evaluation data, unless require_val is False: the trainer never reads it)."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return recipe_from_dict(raw, source=path, data_root=data_root)
+    return recipe_from_dict(raw, source=path, data_root=data_root, require_val=require_val)
 
 
-def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None = None) -> Recipe:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently:
+    `reference_workers: 1` then `4` would scale every lr by 0.25 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"field {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}): keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None = None,
+                     require_val: bool = True) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with a 'phases' list, got {type(raw).__name__}")
     _reject_unknown(raw, _RECIPE_FIELDS, source)
@@ -121,6 +144,8 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     kwargs["min_random_area"] = _number(raw, "min_random_area", 0.08, where, minimum=0.01)
     if kwargs["min_random_area"] > 1:
         raise RecipeError(f"{where}: field 'min_random_area': {kwargs['min_random_area']} must be <= 1")
+    kwargs["aspect_ratio"] = _aspect_ratio(raw, where)
+    kwargs["mirror"] = _boolean(raw, "mirror", True, where)
     kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", 0.0, where, minimum=0.0)
     kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
     kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)
@@ -131,13 +156,13 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
             f"({phases[-1].epochs[1]} epochs)")
     recipe = Recipe(**kwargs)
     if data_root is not None:
-        check_data(recipe, data_root)
+        check_data(recipe, data_root, require_val)
     else:
         _check_sizes(recipe, None)
     return recipe
 
 
-def check_data(recipe: Recipe, data_root: str) -> None:
+def check_data(recipe: Recipe, data_root: str, require_val: bool = True) -> None:
     """Every phase's data dir holds train.rec/.idx, the eval dir holds val.rec/.idx, and no crop is larger
     than the short side the data was packed at."""
     if not os.path.isdir(data_root):
@@ -151,7 +176,7 @@ def check_data(recipe: Recipe, data_root: str) -> None:
                     f"{recipe.source}: {_phase_name(i, phase)}: field 'data_dir': {phase.data_dir!r} has no "
                     f"{name} under {folder!r}; pack that size with tools/im2rec_multi.py --sizes ...")
     folder = os.path.join(data_root, recipe.resolved_eval_data_dir)
-    for name in ("val.rec", "val.idx"):
+    for name in ("val.rec", "val.idx") if require_val else ():
         if not os.path.isfile(os.path.join(folder, name)):
             raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
                               f"{name} under {folder!r}")
@@ -227,7 +252,7 @@ def _parse_phase(raw: Any, index: int, source: str) -> Phase:
         epochs=epochs,
         lr=lr,
         lr_method=lr_method,
-        batch_size=_integer(raw, "batch_size", None, where, minimum=1),
+        batch_size=_integer(raw, "batch_size", None, where, minimum=1, maximum=MAX_BATCH_SIZE),
         image_size=_integer(raw, "image_size", None, where, minimum=8),
         data_dir=data_dir,
     )
@@ -287,11 +312,30 @@ def _scalar(raw: dict, key: str, default: Any, where: str, convert, kind: str) -
         raise RecipeError(f"{where}: field {key!r}: {raw[key]!r} is not {kind}") from None
 
 
-def _integer(raw, key, default, where, minimum):
+def _integer(raw, key, default, where, minimum, maximum=None):
     value = _scalar(raw, key, default, where, _as_int, "a whole number")
     if value < minimum:
         raise RecipeError(f"{where}: field {key!r}: {value} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise RecipeError(f"{where}: field {key!r}: {value} must be <= {maximum}")
     return value
+
+
+def _boolean(raw, key, default, where):
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise RecipeError(f"{where}: field {key!r}: {value!r} must be true or false")
+    return value
+
+
+def _aspect_ratio(raw, where):
+    if "aspect_ratio" not in raw:
+        return Recipe.aspect_ratio
+    low, high = _pair(raw, "aspect_ratio", where, _as_float)
+    if not 0 < low <= high:
+        raise RecipeError(f"{where}: field 'aspect_ratio': {[low, high]} must be [min, max] with 0 < min <= max "
+                          "(width / height of the random crop; 1 = square only)")
+    return (low, high)
 
 
 def _number(raw, key, default, where, minimum, below=None):
@@ -319,8 +363,7 @@ def _choice(raw, key, default, allowed, where):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: schedule imports this module.
-    from gluon_imagenet.schedule import format_plan, make_plan
+    from gluon_imagenet.schedule import PlanError, format_plan, make_plan
 
     parser = argparse.ArgumentParser(prog="python -m gluon_imagenet.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -335,11 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, data_root=args.data_root)
-        if args.lr_scaling:
-            recipe = dataclasses.replace(recipe, lr_scaling=args.lr_scaling)
-        plan = make_plan(recipe, train_images=args.train_images,
-                         workers=args.workers or recipe.reference_workers)
-    except RecipeError as e:
+        plan = make_plan(recipe, train_images=args.train_images, workers=args.workers or recipe.reference_workers,
+                         lr_scaling=args.lr_scaling)
+    except (RecipeError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(plan))

@@ -8,10 +8,14 @@ a phase (linear, exp = geometric, or cosine), as the seed's `lr_method` describe
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from gluon_imagenet.recipe import Phase, Recipe, RecipeError
+
+class PlanError(ValueError):
+    """A plan that cannot be made (no training images, no workers, an unknown rule)."""
+
 
 # ResNet-50 forward pass at 224 px: ~4.1 GMAC per image; forward + backward ~3x that; 1 MAC = 2 FLOPs.
 RESNET50_TRAIN_FLOPS_224 = 3 * 4.1e9 * 2
@@ -33,7 +37,7 @@ def lr_scale_for_workers(workers: int, reference_workers: int, rule: str) -> flo
         return 1.0
     if rule == "linear":
         return workers / reference_workers
-    raise RecipeError(f"lr scaling rule {rule!r} is not one of linear, none")
+    raise PlanError(f"lr scaling rule {rule!r} is not one of linear, none")
 
 
 def train_flops_per_image(image_size: int) -> float:
@@ -44,7 +48,7 @@ def train_flops_per_image(image_size: int) -> float:
 @dataclass(frozen=True)
 class PhasePlan:
     index: int  # 0-based phase number
-    phase: Phase
+    phase: "recipe.Phase"  # this module reads recipes (recipe.py), never imports them
     steps_per_epoch: int
     first_step: int  # global step of the phase's first step
     end_step: int  # global step just after its last step
@@ -73,7 +77,7 @@ class PhasePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    recipe: Recipe
+    recipe: "recipe.Recipe"
     workers: int
     train_images: int
     lr_scale: float
@@ -88,6 +92,10 @@ class Plan:
     def total_epochs(self) -> int:
         return self.recipe.total_epochs
 
+    @property
+    def lr_scaling(self) -> str:
+        return self.recipe.lr_scaling
+
 
 def interpolate(method: str, start: float, end: float, progress: float) -> float:
     """Value at `progress` in [0, 1] going from start to end."""
@@ -97,14 +105,18 @@ def interpolate(method: str, start: float, end: float, progress: float) -> float
         return start * (end / start) ** progress
     if method == "cosine":
         return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
-    raise RecipeError(f"lr_method {method!r} is not one of linear, exp, cosine")
+    raise PlanError(f"lr_method {method!r} is not one of linear, exp, cosine")
 
 
-def make_plan(recipe: Recipe, train_images: int, workers: int) -> Plan:
+def make_plan(recipe: "recipe.Recipe", train_images: int, workers: int, lr_scaling: str | None = None) -> Plan:
+    """The plan for `workers` ranks over `train_images`. `lr_scaling` overrides the recipe's rule (the command
+    lines' --lr-scaling): the plan's recipe then carries it, so its digest (which resume checks) does too."""
+    if lr_scaling:
+        recipe = dataclasses.replace(recipe, lr_scaling=lr_scaling)
     if train_images < 1:
-        raise RecipeError(f"train_images: {train_images} must be >= 1 (is the packed train.rec empty?)")
+        raise PlanError(f"train_images: {train_images} must be >= 1 (is the packed train.rec empty?)")
     if workers < 1:
-        raise RecipeError(f"workers: {workers} must be >= 1")
+        raise PlanError(f"workers: {workers} must be >= 1")
     scale = lr_scale_for_workers(workers, recipe.reference_workers, recipe.lr_scaling)
     phases, step = [], 0
     for index, phase in enumerate(recipe.phases):
@@ -114,8 +126,9 @@ def make_plan(recipe: Recipe, train_images: int, workers: int) -> Plan:
                                 workers))
         step = end
     plan = Plan(recipe, workers, train_images, scale, 0, tuple(phases))
-    warmup = round(step_at_epoch(plan, recipe.warmup_epochs)) if recipe.warmup_epochs else 0
-    return Plan(recipe, workers, train_images, scale, warmup, tuple(phases))
+    if not recipe.warmup_epochs:
+        return plan
+    return dataclasses.replace(plan, warmup_steps=round(step_at_epoch(plan, recipe.warmup_epochs)))
 
 
 def phase_at(plan: Plan, step: int) -> PhasePlan:

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
 from gluon_imagenet import checkpoint
+from gluon_imagenet.devices import cpu_supports_bfloat16
 from gluon_imagenet.recipe import load_recipe
 from gluon_imagenet.schedule import lr_at, make_plan
 
@@ -128,8 +129,14 @@ def test_horovod_two_ranks_uneven_data(tmp_path):
     (lambda r: r["phases"][1].update(data_dir="96"), [], "'96' has no train.rec"),
     (lambda r: r["phases"][1].update(image_size=80), [], "80 px is larger than the 72 px short side"),
     (lambda r: r.update(colour="blue"), [], "unknown field(s) 'colour'"),
-    (None, ["--amp"], "--amp needs a GPU"),
+    pytest.param(None, ["--amp"], "--amp on a CPU trains in bfloat16, which needs a CPU with AVX-512 bfloat16",
+                 marks=pytest.mark.skipif(cpu_supports_bfloat16(), reason="this CPU runs bfloat16 AMP")),
     (None, ["--log-every", "0"], "--log-every 0"),
+    (None, ["--save-every-steps", "-3"], "--save-every-steps -3: must be >= 0"),
+    (None, ["--threads", "-1"], "--threads -1: must be >= 0"),
+    (None, ["--nan-patience", "-1"], "--nan-patience -1: must be >= 0"),
+    (None, ["--keep-mid-epoch", "-1"], "--keep-mid-epoch -1: must be >= 0"),
+    (lambda r: r["phases"][0].update(batch_size=1000000000), [], "'batch_size': 1000000000 must be <= 16384"),
 ])
 def test_bad_input_exits_2_before_work(packed_root, tmp_path, change, extra, message):
     recipe = json.loads(json.dumps(TWO_PHASES))

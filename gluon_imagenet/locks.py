@@ -1,0 +1,75 @@
+"""One writer at a time: an advisory lock per run dir (the trainer), per data root (the packer) and around every
+write of the sweep's results, so two processes never interleave their files.
+
+A lock is `flock` on a small file that also says who holds it (pid, host, start time, command): the second
+process is told who to wait for. The kernel releases the lock when its holder exits, however it exits, so a
+crashed trainer never leaves a stale lock behind. flock works across machines on NFS (Linux emulates it with
+POSIX locks there), which is where a multi-machine run keeps its run dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+
+class Busy(Exception):
+    """Another process holds the lock; the message says which."""
+
+
+def _describe(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"pid {info.get('pid')} on {info.get('host')} (since {since}: {info.get('command', '?')})"
+
+
+def _read_info(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def holder(path: str) -> dict | None:
+    """Who holds the lock at `path` now ({pid, host, since, command}), or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return _read_info(path) or {}
+    finally:
+        os.close(fd)  # also releases the shared lock taken just to test
+    return None
+
+
+@contextlib.contextmanager
+def hold(path: str, what: str, wait: bool = False):
+    """Hold the exclusive lock at `path` for the block. Raises Busy naming the holder, unless `wait`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise Busy(f"{what} is in use by {_describe(_read_info(path))}; wait for it to finish or stop it "
+                       f"(lock file {path})") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        yield info
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)

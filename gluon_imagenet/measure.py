@@ -1,0 +1,49 @@
+"""--synthetic and --io-only: what one phase's compute (random data on the device) or input pipeline (no model)
+delivers, per rank and in total, so a slow run can be blamed on the right side."""
+from __future__ import annotations
+
+import time
+
+import mxnet as mx
+
+from gluon_imagenet.data import BatchStream
+from gluon_imagenet.learner import Learner
+from gluon_imagenet.loop import RunOptions, phase_iterator
+
+
+def measure(args, setup, ranks) -> None:
+    plan, ctx = setup.plan, setup.device.context
+    learner = None
+    if args.synthetic:
+        recipe = plan.recipe
+        learner = Learner(model=args.model, classes=len(setup.classes), device=setup.device, ranks=ranks,
+                          seed=args.seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
+                          first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype)
+    options = RunOptions(None, args.data_root, args.model, args.seed, setup.threads, 1, 0, 0, 0)
+    rows = []
+    for phase in plan.phases:
+        ph = phase.phase
+        if learner:
+            shape = (ph.batch_size, 3, ph.image_size, ph.image_size)
+            data = mx.nd.random.randint(0, 256, shape=shape, ctx=ctx).astype("uint8")
+            label = mx.nd.random.randint(0, len(setup.classes), shape=(ph.batch_size,), ctx=ctx)
+            batches = ((data, label) for _ in range(args.bench_steps + 2))
+        else:
+            iterator = phase_iterator(plan, phase, phase.first_step, options, ranks, setup.device)
+            batches = BatchStream(iterator).take(args.bench_steps + 2)
+        for k, (data, label) in enumerate(batches):
+            if k == 2:  # two warm-up steps: graph building, memory planning, prefetch
+                start = time.perf_counter()
+            if learner:
+                learner.step(data, label, phase.lr_start).wait_to_read()
+            else:
+                data.as_in_context(ctx).wait_to_read()
+        seconds = time.perf_counter() - start
+        rows.append((phase.index + 1, ph.image_size, ph.batch_size, args.bench_steps * ph.batch_size / seconds))
+    what = "compute (synthetic data)" if args.synthetic else "input pipeline (no model)"
+    ranks.print(f"{what}, {args.bench_steps} steps per phase, {setup.device}, amp {setup.amp_dtype or 'off'}, "
+                f"{ranks.size} workers")
+    ranks.print(f"{'phase':>5} {'size':>5} {'batch':>5} {'img/s/worker':>13} {'img/s total':>12}")
+    for index, size, batch, rate in rows:
+        ranks.print(f"{index:>5} {size:>5} {batch:>5} {rate:>13.1f} {rate * ranks.size:>12.1f}")

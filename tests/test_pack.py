@@ -1,9 +1,14 @@
-"""tools/im2rec_multi.py on real files with real MXNet: counts, skips, labels, sizes, resume after SIGKILL."""
+"""tools/im2rec_multi.py on real files with real MXNet: counts, skips, labels, sizes, resume after SIGKILL; damaged
+outputs found and packed again; one packer per data root; exact labels files; hostile files skipped, never fatal."""
+import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import cv2
 import mxnet as mx
@@ -12,8 +17,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_tool
+from gluon_imagenet import pack
 from gluon_imagenet.demo_data import generate, make_image
-from gluon_imagenet.pack import read_classes, read_index
+from gluon_imagenet.pack import check_packed_split, read_classes, read_index, read_meta, read_skipped, verify_split
 
 BAD = {  # file name -> skipped reason (None: converted and packed)
     "empty.jpg": "empty file",
@@ -239,3 +245,364 @@ def test_killed_midway_then_rerun_is_complete_and_correct(tmp_path):
             assert (tmp_path / "killed" / size / name).read_bytes() == (tmp_path / "clean" / size / name).read_bytes()
         assert len(read_index(str(tmp_path / "killed" / size / "train.idx"))) == 450
         assert not list((tmp_path / "killed" / size).glob(".*partial"))
+
+
+# ---------------------------------------------------------------------------------------------- damaged outputs
+@pytest.fixture(scope="module")
+def small_packed(tmp_path_factory):
+    """A small tree packed once at 40 px; tests copy it before damaging it."""
+    out = tmp_path_factory.mktemp("small")
+    generate(str(out / "src"), train_per_class=8, val_per_class=2, seed=8, classes=("disc", "ring"))
+    proc = run_tool(["tools/im2rec_multi.py", str(out / "src"), "--root", str(out / "rec"), "--sizes", "40"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return str(out / "src"), str(out / "rec")
+
+
+def cut_tail(path, nbytes=500):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - nbytes)
+
+
+def test_truncated_rec_fails_verify_and_rerun_packs_it_again(small_packed, tmp_path):
+    src, packed = small_packed
+    root = tmp_path / "rec"
+    shutil.copytree(packed, root)
+    good = {name: (root / "40" / name).read_bytes() for name in ("train.rec", "train.idx", "train.lst")}
+    cut_tail(root / "40" / "train.rec")
+    proc = run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)])
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+    assert "train.rec: record" in proc.stderr and "cut short" in proc.stderr
+    assert check_packed_split(str(root / "40"), "train")
+    rerun = run_tool(["tools/im2rec_multi.py", src, "--root", str(root), "--sizes", "40"])
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "train at 40: packed before but damaged" in rerun.stdout and "val at 40: already packed" in rerun.stdout
+    assert {name: (root / "40" / name).read_bytes() for name in good} == good  # packed again, the same bytes
+    assert run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)]).returncode == 0
+    assert check_packed_split(str(root / "40"), "train") == []
+
+
+def _cut_500(folder):
+    cut_tail(os.path.join(folder, "train.rec"))
+
+
+def _cut_to_half(folder):
+    cut_tail(os.path.join(folder, "train.rec"), os.path.getsize(os.path.join(folder, "train.rec")) // 2)
+
+
+def _append_bytes(folder):
+    with open(os.path.join(folder, "train.rec"), "ab") as f:
+        f.write(b"\0" * 8)
+
+
+def _drop_idx_line(folder):
+    path = os.path.join(folder, "train.idx")
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines(lines[:-1])
+
+
+def _garble_idx(folder):
+    with open(os.path.join(folder, "train.idx"), "a") as f:
+        f.write("7\t12x\n")
+
+
+def _break_middle_magic(folder):
+    offset = read_index(os.path.join(folder, "train.idx"))[5][1]
+    with open(os.path.join(folder, "train.rec"), "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0\0\0\0")
+
+
+def _forget_in_pack_json(folder):
+    with open(os.path.join(folder, "pack.json")) as f:
+        meta = json.load(f)
+    del meta["splits"]["train"]
+    with open(os.path.join(folder, "pack.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize("damage, verify_says, cheap_says", [
+    (_cut_500, "cut short", "cut short"),
+    (_cut_to_half, "cut short", "cut short"),
+    (_append_bytes, "8 bytes after the last record", "8 bytes after the last record"),
+    (_drop_idx_line, "pack.json says 16", "pack.json says 16"),
+    (_garble_idx, "unreadable index", "unreadable index"),
+    (_break_middle_magic, "no RecordIO magic number", None),  # the cheap check reads only the first and last
+    (_forget_in_pack_json, None, "does not list train as packed"),  # verify checks what pack.json lists
+])
+def test_damage_found_by_verify_and_by_the_cheap_check(small_packed, tmp_path, damage, verify_says, cheap_says):
+    _, packed = small_packed
+    shutil.copytree(packed, tmp_path / "rec")
+    folder = str(tmp_path / "rec" / "40")
+    assert check_packed_split(folder, "train") == []
+    damage(folder)
+    entry = read_meta(folder).get("splits", {}).get("train")
+    problems = verify_split(folder, "train", entry, 2) if entry else []
+    assert bool(problems) == (verify_says is not None), problems
+    if verify_says:
+        assert verify_says in problems[0]
+    cheap = check_packed_split(folder, "train")
+    assert bool(cheap) == (cheap_says is not None), cheap
+    if cheap_says:
+        assert cheap_says in cheap[0] and "im2rec_multi.py" in cheap[0]
+    assert check_packed_split(folder, "val") == []
+
+
+def test_records_split_by_the_writer_verify(tmp_path):
+    # dmlc's writer splits a record where its payload holds the magic number at a 4-byte boundary: such a
+    # record has several parts, and must pass both checks (and fail them once cut).
+    magic = struct.pack("<I", 0xCED7230A)
+    folder = tmp_path / "40"
+    folder.mkdir()
+    writer = mx.recordio.MXIndexedRecordIO(str(folder / "train.idx"), str(folder / "train.rec"), "w")
+    payloads = [b"abcd" + magic + b"efghij", magic * 3 + b"x", b"plain"]
+    for key, payload in enumerate(payloads):
+        writer.write_idx(key, mx.recordio.pack(mx.recordio.IRHeader(0, 1.0, key, 0), payload))
+    writer.close()
+    # The writer did split, 4 times: each split drops the magic number from the data and adds a part header.
+    assert os.path.getsize(folder / "train.rec") == sum(8 + (24 + len(p) + 3) // 4 * 4 for p in payloads) + 4 * 4
+    (folder / "pack.json").write_text(json.dumps({"splits": {"train": {"packed": 3}}}))
+    assert verify_split(str(folder), "train", {"packed": 3}, 2) == []
+    assert check_packed_split(str(folder), "train") == []
+    reader = mx.recordio.MXIndexedRecordIO(str(folder / "train.idx"), str(folder / "train.rec"), "r")
+    assert [mx.recordio.unpack(reader.read_idx(k))[1] for k in range(3)] == payloads
+    reader.close()
+    writer = mx.recordio.MXIndexedRecordIO(str(folder / "train.idx"), str(folder / "train.rec"), "w")
+    for key, payload in enumerate([payloads[2], payloads[1]]):  # now the last record is a split one
+        writer.write_idx(key, mx.recordio.pack(mx.recordio.IRHeader(0, 1.0, key, 0), payload))
+    writer.close()
+    assert verify_split(str(folder), "train", {"packed": 2}, 2) == []
+    (folder / "pack.json").write_text(json.dumps({"splits": {"train": {"packed": 2}}}))
+    assert check_packed_split(str(folder), "train") == []
+    cut_tail(folder / "train.rec", 4)
+    assert "cut short" in check_packed_split(str(folder), "train")[0]
+    assert "cut short" in verify_split(str(folder), "train", {"packed": 2}, 2)[0]
+
+
+# ---------------------------------------------------------------------------------------------- one packer per root
+def lock_info(path):
+    """The lock file's content, read without locking (a probe lock could make the packer think it busy)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_second_packer_on_a_root_exits_naming_the_first(tmp_path):
+    # Enough images that the first packer is still at work while the other two run: 8 generated per class
+    # (generating is the slow part), each copied under 18 more names.
+    generate(str(tmp_path / "src"), train_per_class=8, val_per_class=2, seed=9, classes=("disc", "ring", "star"),
+             size=(375, 500))
+    for folder in (tmp_path / "src" / "train").iterdir():
+        for image in list(folder.iterdir()):
+            for copy in range(18):
+                shutil.copyfile(image, folder / f"copy{copy}_{image.name}")
+    root = tmp_path / "rec"
+    first = subprocess.Popen([sys.executable, "tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(root),
+                              "--sizes", "64", "128", "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while (time.time() < deadline and first.poll() is None
+               and (lock_info(root / ".pack.lock") or {}).get("pid") != first.pid):
+            time.sleep(0.05)
+        assert (lock_info(root / ".pack.lock") or {}).get("pid") == first.pid, "the first packer never took the lock"
+        second = run_tool(["tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(root), "--sizes", "64",
+                           "--quality", "50", "--workers", "1"])
+        still_running = first.poll() is None
+        verify = run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)])  # takes no lock
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert still_running, "the first packer ended before the second one was tried: make the tree larger"
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"is in use by pid {first.pid} on " in second.stderr and "im2rec_multi.py" in second.stderr
+    assert "packing" not in second.stdout
+    assert verify.returncode in (0, 1) and "verify" in verify.stdout
+    assert first.returncode == 0, out + err
+    assert "problem" not in err
+    for size in ("64", "128"):
+        assert len(read_index(str(root / size / "train.idx"))) == 3 * 8 * 19
+        assert read_meta(str(root / size))["quality"] == 90
+        assert check_packed_split(str(root / size), "train") == []
+    assert run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)]).returncode == 0
+    again = run_tool(["tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(root), "--sizes", "64"])
+    assert again.returncode == 0 and "already packed" in again.stdout  # the lock is free once its holder is gone
+
+
+# ---------------------------------------------------------------------------------------------- validation labels
+@pytest.fixture
+def flat_val(tmp_path):
+    """A tree whose val/ is flat (v0.jpg..v3.jpg, classes disc disc star star) and the matching labels lines."""
+    generate(str(tmp_path / "src"), train_per_class=2, val_per_class=2, seed=10, classes=("disc", "star"))
+    val = tmp_path / "src" / "val"
+    lines = []
+    for cls in ("disc", "star"):
+        for name in sorted(os.listdir(val / cls)):
+            os.rename(val / cls / name, val / f"v{len(lines)}.jpg")
+            lines.append(f"v{len(lines)}.jpg {cls}")
+        os.rmdir(val / cls)
+    return tmp_path, lines
+
+
+def pack_flat(tmp_path, text):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return run_tool(["tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(tmp_path / "rec"), "--sizes", "24",
+                     "--splits", "val", "--val-labels", str(labels)])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda lines: lines + ["v0.jpg star"], "labels.txt:5: 'v0.jpg' is labelled 'star' (star) here but 'disc' on "
+                                            "line 1"),
+    (lambda lines: lines + ["v2.jpg 0"], "labels.txt:5: 'v2.jpg' is labelled '0' (disc) here but 'star' on line 3"),
+    (lambda lines: lines[:2] + ["gone.jpg disc"] + lines[2:], "labels.txt:3: 'gone.jpg' is not a file in"),
+    (lambda lines: lines + ["a.jpg disc", "b.jpg star"], "labels.txt:5: 'a.jpg' is not a file in"),
+])
+def test_labels_file_contradictions_are_refused_before_any_work(flat_val, edit, message):
+    tmp_path, lines = flat_val
+    proc = pack_flat(tmp_path, "\n".join(edit(lines)) + "\n")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "rec" / "24").exists()
+
+
+@pytest.mark.parametrize("text", [
+    "\ufeff{all}\n",  # a byte-order mark from a Windows editor
+    "{all}\nv0.jpg disc\nv3.jpg 1\n",  # a repeated file name with the same label (by name or by index): accepted
+    "{all_crlf}\r\n",
+])
+def test_labels_file_read_exactly(flat_val, text):
+    # The listing alone (the packing of a flat val/ is test_flat_validation_folder_with_labels_file's).
+    tmp_path, lines = flat_val
+    labels = tmp_path / "labels.txt"
+    labels.write_text(text.format(all="\n".join(lines), all_crlf="\r\n".join(lines)), encoding="utf-8", newline="")
+    items = pack.list_split(str(tmp_path / "src"), "val", ["disc", "star"], str(labels))
+    assert [(i.path, i.label) for i in items] == [("val/v0.jpg", 0), ("val/v1.jpg", 0), ("val/v2.jpg", 1),
+                                                   ("val/v3.jpg", 1)]
+
+
+def test_labels_file_not_utf8_is_refused(flat_val):
+    tmp_path, lines = flat_val
+    proc = pack_flat(tmp_path, ("\n".join(lines) + "\ncaf\xe9.jpg disc\n").encode("latin-1"))
+    assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def write_png_claiming(path, width, height):
+    """A valid 1x1 PNG whose header claims width x height (CRC fixed): decoding it would need that memory."""
+    ok, png = cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))
+    data = bytearray(png.tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+HOSTILE = {  # file in train/disc -> skipped reason (None: packed)
+    "link_to_good.jpg": None,
+    "back\\slash.jpg": None,
+    "dangling.jpg": "dangling symbolic link (to 'nowhere.jpg')",
+    "loop.jpg": "symbolic link loop",
+    "wide.png": "30000x20 px: resized to short side 160 it would be 240000x160 px",  # fine at 24: 36000x24
+    "new\nline.jpg": "file name holds a tab or line break",
+    "tab\there.jpg": "file name holds a tab or line break",
+    "carriage\rreturn.jpg": "file name holds a tab or line break",
+    os.fsdecode(b"caf\xe9.jpg"): "file name is not valid UTF-8",
+    "bomb.png": "too large to decode safely",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_packed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile")
+    generate(str(out / "src"), train_per_class=3, val_per_class=1, seed=11, classes=("disc", "ring"))
+    disc = out / "src" / "train" / "disc"
+    image = make_image("disc", np.random.default_rng(12), (60, 80))
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    for name in HOSTILE:
+        path = os.path.join(str(disc), name)
+        if name == "link_to_good.jpg":
+            os.symlink(os.path.join("..", "ring", sorted(os.listdir(out / "src" / "train" / "ring"))[0]), path)
+        elif name == "dangling.jpg":
+            os.symlink("nowhere.jpg", path)
+        elif name == "loop.jpg":
+            os.symlink("loop.jpg", path)
+        elif name == "wide.png":
+            cv2.imwrite(path, cv2.resize(image, (30000, 20)))
+        elif name == "bomb.png":
+            write_png_claiming(path, 100_000, 100_000)
+        else:
+            with open(path, "wb") as f:
+                f.write(jpeg)
+    root = out / "rec"
+    proc = run_tool(["tools/im2rec_multi.py", str(out / "src"), "--root", str(root), "--sizes", "24", "160",
+                     "--workers", "2"])
+    return root, proc
+
+
+def test_no_single_file_stops_the_pack(hostile_packed):
+    root, proc = hostile_packed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("train ")}
+    assert rows["train"] == ["16", "8", "8"]  # 2 classes x 3 + 10 hostile files, 2 of which pack
+
+
+def test_hostile_files_are_skipped_with_their_reason(hostile_packed):
+    root, _ = hostile_packed
+    skipped = dict(read_skipped(root / "train.skipped.tsv"))
+    expected = {f"train/disc/{name}": reason for name, reason in HOSTILE.items() if reason}
+    expected = {path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"): reason
+                for path, reason in expected.items()}  # bytes that are not UTF-8 are written as \xNN
+    assert set(skipped) == set(expected)
+    for path, reason in expected.items():
+        assert skipped[path].startswith(reason), (path, skipped[path])
+    assert "beyond JPEG's limit of 65500 px per side" in skipped["train/disc/wide.png"]
+    with open(root / "train.skipped.tsv", "rb") as f:
+        raw = f.read()
+    assert raw.count(b"\n") == 1 + len(expected) and b"\r" not in raw  # one line per file, whatever its name
+    assert b"train/disc/new\\nline.jpg\t" in raw and b"train/disc/tab\\there.jpg\t" in raw
+    assert b"train/disc/caf\\xe9.jpg\t" in raw
+
+
+def test_symlink_to_an_image_and_odd_but_legal_names_pack(hostile_packed):
+    root, _ = hostile_packed
+    for size in ("24", "160"):
+        packed = lst_labels(root / size / "train.lst")
+        assert "train/disc/link_to_good.jpg" in packed and "train/disc/back\\slash.jpg" in packed
+        assert len(packed) == 8
+        assert check_packed_split(str(root / size), "train") == []
+
+
+@pytest.mark.parametrize("bad_name", ["new\nline", "tab\there", "carriage\rreturn"])
+def test_class_folder_name_that_breaks_lines_is_refused(tmp_path, bad_name):
+    generate(str(tmp_path / "src"), train_per_class=1, val_per_class=1, seed=13, classes=("disc", "ring"))
+    os.rename(tmp_path / "src" / "train" / "ring", tmp_path / "src" / "train" / bad_name)
+    os.rename(tmp_path / "src" / "val" / "ring", tmp_path / "src" / "val" / bad_name)
+    proc = run_tool(["tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(tmp_path / "rec"), "--sizes",
+                     "24"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"class folder {str(tmp_path / 'src' / 'train' / bad_name)!r} has a tab or line break" in proc.stderr
+    assert not (tmp_path / "rec" / "classes.txt").exists() and not (tmp_path / "rec" / "24").exists()
+
+
+@pytest.mark.parametrize("lift, reason", [
+    ("JPEG_MAX_SIDE", "failed to convert: RuntimeError: JPEG encoding failed"),  # OpenCV's own refusal
+    ("MAX_PIXELS", "failed to convert: error: OpenCV"),  # cv2.error from imdecode's own size limit
+])
+def test_opencv_failures_skip_the_image_when_checks_ahead_are_lifted(tmp_path, monkeypatch, lift, reason):
+    # The up-front checks decide most cases; what is left to OpenCV must still only skip the one image.
+    cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((20, 30000, 3), np.uint8))
+    write_png_claiming(str(tmp_path / "bomb.png"), 40_000, 40_000)
+    monkeypatch.setattr(pack, lift, 10 ** 12)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # and Pillow's own bomb check, which is ahead too
+    name = {"JPEG_MAX_SIDE": "wide.png", "MAX_PIXELS": "bomb.png"}[lift]
+    monkeypatch.setattr(pack, "_settings", pack.Settings(str(tmp_path), (160,), 90, False))
+    payloads, why = pack.encode_item(pack.Item(name, 0))
+    assert payloads is None and why.startswith(reason), why
+    assert "\n" not in why

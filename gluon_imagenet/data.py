@@ -10,13 +10,11 @@ switch), which at ImageNet batch sizes would be gigabytes over 40 epochs.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import mxnet as mx
 
-from gluon_imagenet.pack import PackError, read_classes
+from gluon_imagenet.packed import PackError, packed_count, read_classes, split_paths
 
 # ImageNet channel statistics, RGB, 0-255 scale: applied on the device by the model's input block.
 MEAN_RGB = (123.68, 116.779, 103.939)
@@ -31,24 +29,6 @@ class DataError(Exception):
 class Shard:
     rank: int = 0
     parts: int = 1
-
-
-def split_paths(data_root: str, data_dir: str, split: str) -> tuple[str, str]:
-    folder = os.path.join(data_root, data_dir)
-    return os.path.join(folder, f"{split}.rec"), os.path.join(folder, f"{split}.idx")
-
-
-def packed_count(data_root: str, data_dir: str, split: str) -> int:
-    """Images in a packed split: pack.json's count when im2rec_multi made it, else the .idx lines."""
-    meta = os.path.join(data_root, data_dir, "pack.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            entry = json.load(f).get("splits", {}).get(split)
-        if entry:
-            return int(entry["packed"])
-    _, idx = split_paths(data_root, data_dir, split)
-    with open(idx) as f:
-        return sum(1 for line in f if line.strip())
 
 
 def read_class_names(data_root: str) -> list[str]:
@@ -83,7 +63,10 @@ def train_iterator_kwargs(data_root: str, data_dir: str, image_size: int, batch_
 
     No `seed_aug`: it re-seeds each image's augmenter with its position in the batch + seed_aug
     (src/io/iter_image_recordio_2.cc), so every batch would repeat the same crops and flips by position.
-    Without it each decode thread draws from its own stream, which goes on across batches and epochs."""
+    Without it each decode thread draws from its own stream, which goes on across batches and epochs. Those
+    streams start from fixed seeds ((thread + 1) x a constant, the same file): `seed` shuffles the records but
+    does not change the augmentation, and the k-th image of every rank gets the same crop and flip. MXNet offers
+    no other way to seed them; the images themselves differ, so this only correlates the ranks' draws."""
     rec, idx = split_paths(data_root, data_dir, "train")
     return dict(
         path_imgrec=rec, path_imgidx=idx, data_shape=(3, image_size, image_size), batch_size=batch_size,
@@ -114,9 +97,10 @@ def val_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int
 
 
 def input_buffer_bytes(batch_size: int, image_size: int) -> int:
-    """Host memory one training iterator holds in batches: the decoder's batch, PrefetcherIter's queue (up to
-    4 by default, src/io/iter_prefetcher.h) and the one being read, each uint8 images + float32 labels."""
-    return 6 * batch_size * (3 * image_size * image_size + 4)
+    """Host memory one training iterator holds in batches (pinned on a GPU machine): ImageRecordIter2 queues up
+    to 16 decoded batches plus up to 4 waiting to be recycled and the one being filled (kMaxPrefetchBuffer in
+    src/io/iter_image_recordio_2.cc), each uint8 images + float32 labels."""
+    return 21 * batch_size * (3 * image_size * image_size + 4)
 
 
 class BatchStream:

@@ -72,6 +72,8 @@ def for_rank(requested: str | None, local_rank: int) -> Device:
     """The device of the process with this local rank: GPU `local_rank` when GPUs are requested or present."""
     gpus = gpu_count()
     kind = requested or ("gpu" if gpus > 0 else "cpu")
+    if kind == "gpu" and gpus == 1 and local_rank > 0 and len(_visible_gpus()) == 1:
+        return Device("gpu", 0)  # the launcher shows each rank only its own GPU (CUDA_VISIBLE_DEVICES per rank)
     if kind == "gpu":
         if local_rank >= gpus:
             raise DeviceError(f"local rank {local_rank} needs GPU {local_rank}, but MXNet sees {gpus} GPU(s): start "
@@ -79,6 +81,12 @@ def for_rank(requested: str | None, local_rank: int) -> Device:
                               "--ctx gpu: MXNet sees no GPU (a CPU build of MXNet, or no driver): use --ctx cpu")
         return Device("gpu", local_rank)
     return Device("cpu")
+
+
+def _visible_gpus() -> list[str]:
+    import os
+
+    return [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
 
 
 def check_amp(device: Device) -> str:

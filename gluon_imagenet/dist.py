@@ -23,10 +23,15 @@ class Workers:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # What each launcher horovodrun can use sets in a rank's environment: its Gloo launcher (HOROVOD_RANK), and
+    # mpirun (Open MPI, MPICH/Intel MPI, PMIx), which horovodrun uses when Horovod was built with MPI, as in
+    # NVIDIA's containers (horovod/runner/common/util/env.py).
+    LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
     @classmethod
     def start(cls) -> "Workers":
-        """Horovod when launched by horovodrun (it sets HOROVOD_RANK), a single process otherwise."""
-        if "HOROVOD_RANK" not in os.environ:
+        """Horovod when launched by horovodrun (or mpirun), a single process otherwise."""
+        if not any(name in os.environ for name in cls.LAUNCHER_RANK_VARIABLES):
             return cls()
         import horovod.mxnet as hvd
 

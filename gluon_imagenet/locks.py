@@ -59,13 +59,18 @@ def hold(path: str, what: str, wait: bool = False):
     """Hold the exclusive lock at `path` for the block. Raises Busy naming the holder, unless `wait`."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        # A few tries before giving up: holder() takes the lock for an instant to test it.
+        for attempt in range(1 if wait else 20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                time.sleep(0.05)
+        else:
             raise Busy(f"{what} is in use by {_describe(_read_info(path))}; wait for it to finish or stop it "
-                       f"(lock file {path})") from None
+                       f"(lock file {path})")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                 "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)

@@ -106,6 +106,8 @@ class Run:
             for data, label in batches.take(epoch_end - step):
                 lr = lr_at(self.plan, step)
                 loss = self.learner.step(data, label, lr)
+                if self.pending:  # wait for the step before, not this one: the device stays one step ahead,
+                    self.pending[-1][-1].wait_to_read()  # and host memory holds at most two batches in flight
                 self.pending.append((step, epoch, phase.index, lr, self.wall_seconds(), loss))
                 step += 1
                 if every and step % every == 0 and step < epoch_end:
@@ -151,6 +153,12 @@ class Run:
         if self.bad_steps:
             self.ranks.print(f"warning: not saving step {step}: the loss is not finite", file=sys.stderr)
             return
+        if not running_stats_finite(self.learner.net):  # the same averaged values on every rank: a joint decision
+            # One non-finite forward pass (a float16 overflow, an extreme image) poisons BatchNorm's running
+            # averages for good, while training-mode outputs (batch statistics) and the loss stay finite.
+            raise Diverged(f"BatchNorm running statistics are not finite at step {step} (a non-finite forward pass: "
+                           f"an extreme or corrupt image, or a float16 overflow); the last good checkpoint is "
+                           f"{self.last_good or 'none'} in {self.options.run_dir}: --resume from it")
         failure = ""
         if self.ranks.is_main:
             try:
@@ -159,8 +167,10 @@ class Run:
                 self.last_good = saved.name
                 if self.options.keep_mid_epoch:
                     checkpoint.prune_mid_epoch(self.options.run_dir, self.options.keep_mid_epoch)
-            except (OSError, mx.base.MXNetError) as e:
-                failure = f"{type(e).__name__}: {getattr(e, 'strerror', None) or str(e).strip().splitlines()[0]}"
+            except OSError as e:
+                failure = f"{e.strerror or e}"
+            except mx.base.MXNetError as e:  # MXNet's writers: "... Check failed: fwrite(...) == size: ..."
+                failure = str(e).strip().splitlines()[-1].replace("MXNetError: ", "")
         # Every rank learns whether rank 0 could save: one rank stopping alone would leave the others waiting.
         if self.ranks.allreduce_sum(1.0 if failure else 0.0, "save_check"):
             raise SaveFailed(f"could not write checkpoint step {step} in {self.options.run_dir}"
@@ -182,6 +192,12 @@ class Run:
             record["loss_scaler"] = scaler
             record["loss_scale"] = scaler["loss_scale"]
         return record
+
+
+def running_stats_finite(net) -> bool:
+    flags = [mx.nd.contrib.isfinite(p.data()).min() for name, p in net._collect_params_with_prefix().items()
+             if p.grad_req == "null" and "running" in name]
+    return bool(mx.nd.concat(*[f.reshape((1,)) for f in flags], dim=0).min().asscalar()) if flags else True
 
 
 def parameter_digest(net) -> str:

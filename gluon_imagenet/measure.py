@@ -39,6 +39,7 @@ def measure(args, setup, ranks) -> None:
                 learner.step(data, label, phase.lr_start).wait_to_read()
             else:
                 data.as_in_context(ctx).wait_to_read()
+        mx.nd.waitall()  # the last step's backward and update count too
         seconds = time.perf_counter() - start
         rows.append((phase.index + 1, ph.image_size, ph.batch_size, args.bench_steps * ph.batch_size / seconds))
     what = "compute (synthetic data)" if args.synthetic else "input pipeline (no model)"

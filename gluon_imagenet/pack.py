@@ -41,6 +41,7 @@ from PIL import Image
 
 from gluon_imagenet import locks
 from gluon_imagenet.files import atomic_open, make_writable_dir
+from gluon_imagenet.packed import PackError, read_classes, read_meta  # noqa: F401 (part of this module's API)
 
 SPLITS = ("train", "val")
 RECORD_MAGIC = 0xCED7230A
@@ -55,10 +56,6 @@ JPEG_MAX_SIDE = 65500
 MAX_PIXELS = 178_956_970
 # Characters that break a line-based output: classes.txt, the .lst (tab-separated) and the skipped report.
 _LINE_BREAKERS = ("\n", "\r", "\t")
-
-
-class PackError(Exception):
-    """Bad input or output location, found before any work."""
 
 
 @dataclass(frozen=True)
@@ -349,17 +346,6 @@ class _SplitWriter:
                 os.remove(path)
 
 
-def read_meta(folder: str) -> dict:
-    path = os.path.join(folder, "pack.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
 def write_json_atomic(path: str, data: dict) -> None:
     with atomic_open(path) as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -647,14 +633,6 @@ def verify_root(root: str) -> list[str]:
     if not checked:
         problems.append(f"{root}: no packed splits found (no <size>/pack.json)")
     return problems
-
-
-def read_classes(root: str) -> list[str]:
-    path = os.path.join(root, "classes.txt")
-    if not os.path.isfile(path):
-        raise PackError(f"{path!r} does not exist: not a data root packed by im2rec_multi")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n").split("\t", 1)[1] for line in f if line.strip()]
 
 
 def write_classes(root: str, classes: list[str], force: bool) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from gluon_imagenet.packed import packed_short_side
+
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
 # Images per worker per step. The largest ResNet-50 batches on one accelerator are a few thousand images; a
@@ -181,19 +183,6 @@ def check_data(recipe: Recipe, data_root: str, require_val: bool = True) -> None
             raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
                               f"{name} under {folder!r}")
     _check_sizes(recipe, data_root)
-
-
-def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
-    """The short side data_dir was resized to: from its pack.json when packed by im2rec_multi, else the folder
-    name when it is a number (the convention 'recordio/160'), else unknown."""
-    if data_root is not None:
-        meta = os.path.join(data_root, data_dir, "pack.json")
-        if os.path.isfile(meta):
-            with open(meta) as f:
-                size = json.load(f).get("short_side")
-            if isinstance(size, int):
-                return size
-    return int(data_dir) if data_dir.isdigit() else None
 
 
 def _check_sizes(recipe: Recipe, data_root: str | None) -> None:

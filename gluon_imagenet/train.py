@@ -103,7 +103,14 @@ def prepare(args, ranks) -> Setup:
     from gluon_imagenet.data import DataError, input_buffer_bytes, read_class_names, train_images_for
     from gluon_imagenet.schedule import make_plan
 
+    from gluon_imagenet.pack import check_packed_split
+
     recipe = load_recipe(args.recipe, data_root=args.data_root, require_val=False)  # the trainer reads no val
+    for data_dir in sorted({p.data_dir for p in recipe.phases}):
+        # A damaged .rec would abort the process in MXNet's reader (dmlc `Check failed: kMagic`) mid-training.
+        problems = check_packed_split(os.path.join(args.data_root, data_dir), "train")
+        if problems:
+            raise SetupError(f"packed data {data_dir!r} is damaged: " + "; ".join(problems))
     classes = read_class_names(args.data_root)
     plan = make_plan(recipe, train_images_for(args.data_root, [p.data_dir for p in recipe.phases]), ranks.size,
                      lr_scaling=args.lr_scaling)
@@ -209,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    environment: dict = {}  # MXNet/Horovod settings applied before MXNet starts (none yet)
+    # MXNet and Horovod read these when they start: set them before either is imported (nothing on a CPU).
+    from gluon_imagenet import gpu_settings
+
+    kind = gpu_settings.device_kind_before_import(args.ctx)
+    choices = gpu_settings.settings_for(kind, os.environ)
+    gpu_settings.apply(kind)
+    environment = {name: {"value": c.value, "applied": c.applied, "source": c.source, "reason": c.reason}
+                   for name, c in choices.items()}
 
     from gluon_imagenet.data import DataError
     from gluon_imagenet.dist import Workers
@@ -218,26 +232,39 @@ def main(argv: list[str] | None = None) -> int:
     from gluon_imagenet.schedule import PlanError
 
     ranks = Workers.start()
-    with _run_lock(args, ranks) as lock_problem:
-        # Decided together: a rank that stops alone would leave the others waiting in their first allreduce.
-        problem = lock_problem
-        try:
-            if not problem:
-                setup = prepare(args, ranks)
-                if args.synthetic or args.io_only:
-                    from gluon_imagenet.measure import measure
 
-                    measure(args, setup, ranks)
-                    return 0
-                resume_from = choose_checkpoint(args, setup, ranks)
+    def stop_together(problem: str, name: str) -> bool:
+        """Every rank learns whether any rank failed a check, so none is left waiting in a collective."""
+        if not ranks.allreduce_sum(1.0 if problem else 0.0, name):
+            return False
+        print(f"error: {problem}" if problem else f"rank {ranks.rank}: stopping: another rank could not start",
+              file=sys.stderr, flush=True)
+        return True
+
+    with _run_lock(args, ranks) as problem:
+        try:
+            setup = None if problem else prepare(args, ranks)
         except (RecipeError, PlanError, DataError, SetupError) as e:
             problem = str(e)
-        if ranks.allreduce_sum(1.0 if problem else 0.0, "setup_check"):
-            print(f"error: {problem}" if problem else f"rank {ranks.rank}: stopping: another rank could not start",
-                  file=sys.stderr, flush=True)
+        if stop_together(problem, "setup_check"):
+            return 2
+        if args.synthetic or args.io_only:
+            from gluon_imagenet.measure import measure
+
+            measure(args, setup, ranks)
+            ranks.finish()
+            return 0
+        resume_from = None
+        try:
+            resume_from = choose_checkpoint(args, setup, ranks)  # every rank takes part in its allreduce
+        except SetupError as e:
+            problem = str(e)
+        if stop_together(problem, "resume_check"):
             return 2
         if ranks.is_main:
             write_run_json(args, setup, ranks, environment)
+            if choices or setup.device.kind == "gpu":
+                ranks.print(gpu_settings.format_settings(choices))
             plan = setup.plan
             ranks.print(f"{plan.total_steps} steps over {len(plan.phases)} phases on {ranks.size} worker(s), "
                         f"{setup.device}, amp {setup.amp_dtype or 'off'}, lr x {plan.lr_scale:g} "
@@ -255,14 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                              args.nan_patience, args.save_every_steps, args.keep_mid_epoch)
         try:
             Run(plan, learner, ranks, setup.device, options, len(setup.classes), resume_from).train()
-        except Diverged as e:
-            print(f"error: {e}" if ranks.is_main else f"rank {ranks.rank}: stopping: the loss diverged",
-                  file=sys.stderr, flush=True)
-            return 3
-        except SaveFailed as e:
-            print(f"error: {e}" if ranks.is_main else f"rank {ranks.rank}: stopping: rank 0 could not save",
-                  file=sys.stderr, flush=True)
-            return 4
+        except (Diverged, SaveFailed) as e:
+            # Every rank raised it at the same step; let the last collectives finish before any rank exits.
+            ranks.finish()
+            why = "the loss diverged" if isinstance(e, Diverged) else "rank 0 could not save"
+            print(f"error: {e}" if ranks.is_main else f"rank {ranks.rank}: stopping: {why}", file=sys.stderr,
+                  flush=True)
+            return 3 if isinstance(e, Diverged) else 4
     return 0
 
 

@@ -134,3 +134,36 @@ def test_unreadable_or_invalid_yaml(tmp_path):
     broken.write_text("phases: [\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(str(broken))
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    # PyYAML keeps the last value silently: this recipe would have trained with lr x 0.25.
+    with open(SEED) as f:
+        text = f.read()
+    path = tmp_path / "twice.yaml"
+    path.write_text(text.replace("reference_workers: 8", "reference_workers: 1\nreference_workers: 4", 1))
+    line = text[: text.index("reference_workers: 8")].count("\n") + 1
+    with pytest.raises(RecipeError, match=rf"'reference_workers' is given twice \(lines {line} and {line + 1}\)"):
+        load_recipe(str(path))
+    path.write_text(text.replace("lr_method: linear,", "lr_method: linear, lr_method: exp,", 1))
+    with pytest.raises(RecipeError, match="'lr_method' is given twice"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r.update(mirror="no"), ["'mirror'", "'no'", "true or false"]),
+    (lambda r: r.update(aspect_ratio=[1.5, 0.5]), ["'aspect_ratio'", "0 < min <= max"]),
+    (lambda r: r.update(aspect_ratio=[0, 1]), ["'aspect_ratio'", "0 < min <= max"]),
+    (lambda r: r.update(aspect_ratio=1.0), ["'aspect_ratio'", "pair"]),
+])
+def test_augmentation_fields_are_validated(change, expected):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(edit(change), source="my.yaml")
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+def test_augmentation_defaults_and_values():
+    assert (load_recipe(SEED).mirror, load_recipe(SEED).aspect_ratio) == (True, (0.75, 4 / 3))
+    recipe = recipe_from_dict(edit(lambda r: r.update(mirror=False, aspect_ratio=[1, 1])))
+    assert (recipe.mirror, recipe.aspect_ratio) == (False, (1.0, 1.0))

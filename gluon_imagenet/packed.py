@@ -1,0 +1,60 @@
+"""What im2rec_multi wrote under a data root, read in one place and without the packer's dependencies:
+DATA_ROOT/classes.txt (index and class name), DATA_ROOT/<data_dir>/pack.json (how it was packed: short side,
+quality, per-split counts) and DATA_ROOT/<data_dir>/<split>.{rec,idx}. The recipe checks, the trainer, the sweep
+and the doctor all read packed data through these functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+class PackError(Exception):
+    """Bad input or output location, or packed data that cannot be read; found before any work."""
+
+
+def split_paths(data_root: str, data_dir: str, split: str) -> tuple[str, str]:
+    folder = os.path.join(data_root, data_dir)
+    return os.path.join(folder, f"{split}.rec"), os.path.join(folder, f"{split}.idx")
+
+
+def read_meta(folder: str) -> dict:
+    """A packed folder's pack.json, or {} when there is none (packed by other tools) or it cannot be read."""
+    path = os.path.join(folder, "pack.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_classes(root: str) -> list[str]:
+    """The class folder names in label order (ROOT/classes.txt, shared by every size and split)."""
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        raise PackError(f"{path!r} does not exist: not a data root packed by im2rec_multi")
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t", 1)[1] for line in f if line.strip()]
+
+
+def packed_count(data_root: str, data_dir: str, split: str) -> int:
+    """Images in a packed split: pack.json's count when im2rec_multi made it, else the .idx lines."""
+    entry = read_meta(os.path.join(data_root, data_dir)).get("splits", {}).get(split)
+    if entry:
+        return int(entry["packed"])
+    _, idx = split_paths(data_root, data_dir, split)
+    with open(idx) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
+    """The short side data_dir was resized to: from its pack.json when packed by im2rec_multi, else the folder
+    name when it is a number (the convention 'recordio/160'), else unknown."""
+    if data_root is not None:
+        size = read_meta(os.path.join(data_root, data_dir)).get("short_side")
+        if isinstance(size, int):
+            return size
+    return int(data_dir) if data_dir.isdigit() else None

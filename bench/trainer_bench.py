@@ -76,10 +76,10 @@ def bench_loop(model, size, batch, steps):
 
     def trainer_rate(amp_dtype=None):
         from gluon_imagenet.devices import Device
-        from gluon_imagenet.dist import Workers
+        from gluon_imagenet.dist import Ranks
         from gluon_imagenet.learner import Learner
 
-        learner = Learner(model=model, classes=10, device=Device("cpu"), ranks=Workers(), seed=0, lr=0.01,
+        learner = Learner(model=model, classes=10, device=Device("cpu"), ranks=Ranks(), seed=0, lr=0.01,
                           momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, first_image_size=size,
                           amp_dtype=amp_dtype)
         # The trainer reads the loss back only at log steps: one read per 20 steps, as with --log-every 20.

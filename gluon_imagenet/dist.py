@@ -12,7 +12,7 @@ import mxnet as mx
 
 
 @dataclass
-class Workers:
+class Ranks:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -29,7 +29,7 @@ class Workers:
     LAUNCHER_RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
     @classmethod
-    def start(cls) -> "Workers":
+    def start(cls) -> "Ranks":
         """Horovod when launched by horovodrun (or mpirun), a single process otherwise."""
         if not any(name in os.environ for name in cls.LAUNCHER_RANK_VARIABLES):
             return cls()

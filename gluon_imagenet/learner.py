@@ -16,7 +16,7 @@ from gluon_imagenet.model import build_model, initialize, no_weight_decay
 
 
 class Learner:
-    """One rank's network and optimizer. `ranks` is the dist.Workers object (Horovod or a single process)."""
+    """One rank's network and optimizer. `ranks` is the dist.Ranks object (Horovod or a single process)."""
 
     def __init__(self, *, model: str, classes: int, device: Device, ranks, seed: int, lr: float, momentum: float,
                  weight_decay: float, label_smoothing: float, first_image_size: int, amp_dtype: str | None = None,

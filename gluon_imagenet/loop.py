@@ -51,8 +51,7 @@ def phase_iterator(plan: Plan, phase: PhasePlan, start_step: int, options: RunOp
     starts at its first step, so a run resumed at a phase boundary replays the same images in the same order;
     one resumed inside a phase draws a new order (re-creating the stream of an earlier step would mean decoding
     every batch since the phase began)."""
-    ph = phase.phase
-    return train_iterator(options.data_root, ph.data_dir, ph.image_size, ph.batch_size,
+    return train_iterator(options.data_root, phase.data_dir, phase.image_size, phase.batch_size,
                           Shard(ranks.rank, ranks.size), options.seed + start_step, options.threads,
                           augmentation_of(plan.recipe), device.iterator_device_id)
 
@@ -92,17 +91,16 @@ class Run:
 
     def train_phase(self, phase: PhasePlan, start: int) -> None:
         """Global steps [start, phase end), from one input stream for the phase's image size and batch size."""
-        ph = phase.phase
         first_epoch, _ = epoch_at(self.plan, start)
-        self.ranks.print(f"phase {phase.index + 1}: epochs {first_epoch}-{ph.epochs[1]}, {ph.image_size} px, "
-                         f"batch {ph.batch_size} x {self.ranks.size}, data {ph.data_dir}, lr "
-                         f"{phase.lr_start:g} -> {phase.lr_end:g} ({ph.lr_method})")
+        self.ranks.print(f"phase {phase.index + 1}: epochs {first_epoch}-{phase.epochs[1]}, {phase.image_size} px, "
+                         f"batch {phase.batch_size} x {self.ranks.size}, data {phase.data_dir}, lr "
+                         f"{phase.lr_start:g} -> {phase.lr_end:g} ({phase.lr_method})")
         tick = time.time()
         iterator = phase_iterator(self.plan, phase, start, self.options, self.ranks, self.device)
         batches = BatchStream(iterator)
         step, every = start, self.options.save_every_steps
-        for epoch in range(first_epoch, ph.epochs[1]):
-            epoch_end = phase.first_step + (epoch + 1 - ph.epochs[0]) * phase.steps_per_epoch
+        for epoch in range(first_epoch, phase.epochs[1]):
+            epoch_end = phase.first_step + (epoch + 1 - phase.epochs[0]) * phase.steps_per_epoch
             for data, label in batches.take(epoch_end - step):
                 lr = lr_at(self.plan, step)
                 loss = self.learner.step(data, label, lr)
@@ -181,7 +179,7 @@ class Run:
         epoch, _ = epoch_at(self.plan, step - 1)
         phase = phase_at(self.plan, step - 1)
         record = {"epoch": epochs_done(self.plan, step), "epoch_index": epoch, "phase": phase.index,
-                  "image_size": phase.phase.image_size, "data_dir": phase.phase.data_dir,
+                  "image_size": phase.image_size, "data_dir": phase.data_dir,
                   "images_seen": images_at(self.plan, step), "wall_seconds": self.wall_seconds(),
                   "train_seconds": self.train_seconds, "recipe_digest": self.plan.recipe.digest(),
                   "world_size": self.ranks.size, "model": self.options.model, "classes": self.classes,

@@ -23,11 +23,10 @@ def measure(args, setup, ranks) -> None:
     options = RunOptions(None, args.data_root, args.model, args.seed, setup.threads, 1, 0, 0, 0)
     rows = []
     for phase in plan.phases:
-        ph = phase.phase
         if learner:
-            shape = (ph.batch_size, 3, ph.image_size, ph.image_size)
+            shape = (phase.batch_size, 3, phase.image_size, phase.image_size)
             data = mx.nd.random.randint(0, 256, shape=shape, ctx=ctx).astype("uint8")
-            label = mx.nd.random.randint(0, len(setup.classes), shape=(ph.batch_size,), ctx=ctx)
+            label = mx.nd.random.randint(0, len(setup.classes), shape=(phase.batch_size,), ctx=ctx)
             batches = ((data, label) for _ in range(args.bench_steps + 2))
         else:
             iterator = phase_iterator(plan, phase, phase.first_step, options, ranks, setup.device)
@@ -41,7 +40,7 @@ def measure(args, setup, ranks) -> None:
                 data.as_in_context(ctx).wait_to_read()
         mx.nd.waitall()  # the last step's backward and update count too
         seconds = time.perf_counter() - start
-        rows.append((phase.index + 1, ph.image_size, ph.batch_size, args.bench_steps * ph.batch_size / seconds))
+        rows.append((phase.index + 1, phase.image_size, phase.batch_size, args.bench_steps * phase.batch_size / seconds))
     what = "compute (synthetic data)" if args.synthetic else "input pipeline (no model)"
     ranks.print(f"{what}, {args.bench_steps} steps per phase, {setup.device}, amp {setup.amp_dtype or 'off'}, "
                 f"{ranks.size} workers")

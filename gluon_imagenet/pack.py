@@ -358,7 +358,7 @@ def _split_key(items: list[Item], classes: list[str], settings: Settings, size: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def pack_split(split: str, items: list[Item], classes: list[str], settings: Settings, root: str, workers: int,
+def pack_split(split: str, items: list[Item], classes: list[str], settings: Settings, root: str, processes: int,
                seed: int, force: bool, log=print) -> dict:
     """Pack one split at every size that is not already complete; returns the split's counts."""
     if split == "train":
@@ -388,7 +388,7 @@ def pack_split(split: str, items: list[Item], classes: list[str], settings: Sett
         writers[size] = _SplitWriter(os.path.join(root, str(size)), split)
     skipped = []
     try:
-        for item, (payloads, reason) in _run_pool(items, run, workers, f"{split} {'/'.join(map(str, todo))} px"):
+        for item, (payloads, reason) in _run_pool(items, run, processes, f"{split} {'/'.join(map(str, todo))} px"):
             if payloads is None:
                 skipped.append((item.path, reason))
                 continue
@@ -453,13 +453,13 @@ def _forget_split(folder: str, split: str) -> None:
         write_json_atomic(os.path.join(folder, "pack.json"), meta)
 
 
-def _run_pool(items: list[Item], settings: Settings, workers: int, what: str):
+def _run_pool(items: list[Item], settings: Settings, processes: int, what: str):
     """Yield (item, encode result) in list order, with a progress bar."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), desc=what, unit="img", file=sys.stderr, mininterval=2.0, smoothing=0.1)
     try:
-        if workers <= 1:
+        if processes <= 1:
             _init_worker(settings)
             results = map(_encode_indexed, enumerate(items))
             for position, result in results:
@@ -467,7 +467,7 @@ def _run_pool(items: list[Item], settings: Settings, workers: int, what: str):
                 yield items[position], result
             return
         context = multiprocessing.get_context("fork")
-        with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+        with context.Pool(processes, initializer=_init_worker, initargs=(settings,)) as pool:
             for position, result in pool.imap(_encode_indexed, enumerate(items), chunksize=8):
                 bar.update()
                 yield items[position], result
@@ -731,7 +731,7 @@ def _pack(args) -> int:
     write_classes(args.root, classes, args.force)
     settings = Settings(args.src, tuple(args.sizes), args.quality, args.pass_through)
     print(f"packing {args.src} -> {args.root}/{{{','.join(map(str, args.sizes))}}}: {len(classes)} classes, "
-          + ", ".join(f"{len(v)} {k} files" for k, v in listed.items()) + f", {args.workers} workers")
+          + ", ".join(f"{len(v)} {k} files" for k, v in listed.items()) + f", {args.workers} processes")
     start, summary = time.time(), {}
     for split, items in listed.items():
         summary[split] = pack_split(split, items, classes, settings, args.root, args.workers, args.seed, args.force)

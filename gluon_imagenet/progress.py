@@ -73,7 +73,7 @@ class ProgressLog:
                 self.last_step, self.last_time = r.step, time.time()  # the first step includes start-up: untimed
             elif self.is_log_step(r.step, phase):
                 now = time.time()
-                rate = (r.step - self.last_step) * phase.phase.batch_size * self.ranks / max(now - self.last_time,
+                rate = (r.step - self.last_step) * phase.batch_size * self.ranks / max(now - self.last_time,
                                                                                             1e-9)
                 self.last_step, self.last_time = r.step, now
                 entry["img_per_s"] = round(rate, 2)
@@ -91,8 +91,8 @@ class ProgressLog:
         """Remaining work in pixels at the current pixel rate (later phases have larger images)."""
         if not rate:
             return "-"
-        pixel_rate = rate * phase.phase.image_size ** 2
-        remaining = sum(max(0, p.end_step - max(step + 1, p.first_step)) * p.phase.batch_size * p.workers
-                        * p.phase.image_size ** 2 for p in self.plan.phases)
+        pixel_rate = rate * phase.image_size ** 2
+        remaining = sum(max(0, p.end_step - max(step + 1, p.first_step)) * p.batch_size * p.workers
+                        * p.image_size ** 2 for p in self.plan.phases)
         seconds = int(remaining / pixel_rate)
         return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -56,6 +56,27 @@ class PhasePlan:
     lr_end: float
     workers: int
 
+    # The phase's own settings, read through the plan (a PhasePlan is a recipe phase placed on the step axis).
+    @property
+    def epochs(self) -> tuple[int, int]:
+        return self.phase.epochs
+
+    @property
+    def image_size(self) -> int:
+        return self.phase.image_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.phase.batch_size
+
+    @property
+    def data_dir(self) -> str:
+        return self.phase.data_dir
+
+    @property
+    def lr_method(self) -> str:
+        return self.phase.lr_method
+
     @property
     def steps(self) -> int:
         return self.end_step - self.first_step
@@ -63,16 +84,16 @@ class PhasePlan:
     @property
     def images(self) -> int:
         """Images processed (including the wrap-around that fills the last step of each epoch)."""
-        return self.steps * self.phase.batch_size * self.workers
+        return self.steps * self.batch_size * self.workers
 
     @property
     def flops(self) -> float:
-        return self.images * train_flops_per_image(self.phase.image_size)
+        return self.images * train_flops_per_image(self.image_size)
 
     def lr(self, step: int) -> float:
         """Learning rate at global `step` inside this phase, before warm-up."""
         progress = (step - self.first_step) / self.steps  # 0 at the first step, -> 1 at the next phase's first
-        return interpolate(self.phase.lr_method, self.lr_start, self.lr_end, progress)
+        return interpolate(self.lr_method, self.lr_start, self.lr_end, progress)
 
 
 @dataclass(frozen=True)
@@ -152,7 +173,7 @@ def epoch_at(plan: Plan, step: int) -> tuple[int, int]:
         return plan.total_epochs, 0
     p = phase_at(plan, step)
     done, within = divmod(step - p.first_step, p.steps_per_epoch)
-    return p.phase.epochs[0] + done, within
+    return p.epochs[0] + done, within
 
 
 def epochs_done(plan: Plan, step: int) -> float:
@@ -165,13 +186,13 @@ def epochs_done(plan: Plan, step: int) -> float:
 
 def images_at(plan: Plan, step: int) -> int:
     """Images processed by all workers together in the first `step` steps."""
-    return sum(max(0, min(step, p.end_step) - p.first_step) * p.phase.batch_size * p.workers for p in plan.phases)
+    return sum(max(0, min(step, p.end_step) - p.first_step) * p.batch_size * p.workers for p in plan.phases)
 
 
 def step_at_epoch(plan: Plan, epoch: float) -> float:
     """Global step where (fractional) `epoch` begins."""
     for p in plan.phases:
-        start, end = p.phase.epochs
+        start, end = p.epochs
         if epoch <= end:
             return p.first_step + (max(epoch, start) - start) * p.steps_per_epoch
     return float(plan.total_steps)

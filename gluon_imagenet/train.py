@@ -131,10 +131,9 @@ def _check_memory(plan, local_ranks: int, buffer_bytes) -> None:
 
     available = psutil.virtual_memory().available
     for phase in plan.phases:
-        ph = phase.phase
-        need = buffer_bytes(ph.batch_size, ph.image_size) * local_ranks
+        need = buffer_bytes(phase.batch_size, phase.image_size) * local_ranks
         if need > available:
-            raise SetupError(f"phase {phase.index + 1}: batch_size {ph.batch_size} at {ph.image_size} px needs about "
+            raise SetupError(f"phase {phase.index + 1}: batch_size {phase.batch_size} at {phase.image_size} px needs about "
                              f"{need / 2**30:.1f} GiB of host memory for the input pipelines of {local_ranks} rank(s) "
                              f"on this machine, which has {available / 2**30:.1f} GiB available: lower batch_size")
 
@@ -204,7 +203,7 @@ def write_run_json(args, setup: Setup, ranks, environment: dict) -> None:
             "train_images": plan.train_images, "lr_scale": plan.lr_scale, "lr_scaling": plan.lr_scaling,
             "data_root": os.path.abspath(args.data_root), "environment": environment,
             "phases": [{"first_step": p.first_step, "end_step": p.end_step, "steps_per_epoch": p.steps_per_epoch,
-                        "image_size": p.phase.image_size, "data_dir": p.phase.data_dir} for p in plan.phases]}
+                        "image_size": p.image_size, "data_dir": p.data_dir} for p in plan.phases]}
     with atomic_open(os.path.join(args.run_dir, "run.json")) as f:
         json.dump(info, f, indent=1)
 
@@ -226,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                    for name, c in choices.items()}
 
     from gluon_imagenet.data import DataError
-    from gluon_imagenet.dist import Workers
+    from gluon_imagenet.dist import Ranks
     from gluon_imagenet.learner import Learner
     from gluon_imagenet.loop import Diverged, Run, RunOptions, SaveFailed
     from gluon_imagenet.schedule import PlanError
 
-    ranks = Workers.start()
+    ranks = Ranks.start()
 
     def stop_together(problem: str, name: str) -> bool:
         """Every rank learns whether any rank failed a check, so none is left waiting in a collective."""

@@ -1,0 +1,158 @@
+"""The trainer when things go wrong: divergence under horovodrun, a full disk, a second trainer, leftovers of a
+killed run, retention of checkpoints, and which resumes reproduce the uninterrupted run exactly."""
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
+from gluon_imagenet import checkpoint
+
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+
+
+def digest_of(stdout):
+    found = re.findall(r"finished at step \d+, parameter digest (\w+)", stdout)
+    assert found, stdout[-2000:]
+    return found[0]
+
+
+def diverging_recipe(tmp_path, reference_workers=1):
+    recipe = json.loads(json.dumps(TWO_PHASES))
+    recipe["reference_workers"] = reference_workers
+    recipe["phases"][0]["lr"] = [0.05, 0.05]
+    recipe["phases"][1].update(lr=[1.0e6, 1.0e6], lr_method="linear")
+    return write_recipe(str(tmp_path), recipe)
+
+
+@pytest.mark.slow
+def test_divergence_under_horovod_stops_every_rank_with_exit_3(packed_root, tmp_path):
+    run_dir = str(tmp_path / "run")
+    start = time.time()
+    proc = subprocess.run([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                           *train_cmd(diverging_recipe(tmp_path, 2), packed_root, run_dir, "--nan-patience", "3",
+                                      "--log-every", "4")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "Exit code: 3" in output, output[-3000:]  # horovodrun names the first rank to exit, with its code
+    assert "error: the loss was not finite for 4 consecutive steps" in output  # rank 0
+    assert "rank 1: stopping: the loss diverged" in output  # rank 1 decided with it, instead of waiting
+    assert re.findall(r"Process \d exit with status code (-?\d+)", output) in (["3"], ["3", "3"])
+    # 240 images, 2 ranks of 16: 8 steps per epoch; phase 1 ends at step 24, its checkpoints stay.
+    assert [c.step for c in checkpoint.scan(run_dir)[0]] == [8, 16, 24]
+    assert time.time() - start < 300
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_is_refused(packed_root, tmp_path):
+    run_dir = str(tmp_path / "run")
+    first = subprocess.Popen([sys.executable, *train_cmd(write_recipe(str(tmp_path)), packed_root, run_dir)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(os.path.join(run_dir, "run.json")):
+            time.sleep(0.1)
+        second = run_tool(train_cmd(write_recipe(str(tmp_path)), packed_root, run_dir, "--resume"))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"run dir {run_dir!r} is in use by pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_leftovers_of_a_run_killed_before_its_first_checkpoint_are_dropped(single_run, packed_root, tmp_path):
+    recipe, reference_dir, _ = single_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # What a run of another recipe, killed at step 5, leaves: log lines and no checkpoint; the last line torn.
+    lines = [json.dumps({"time": 1.0, "step": s, "epoch": 0, "phase": 0, "lr": 9.0, "loss": 1.0}) for s in range(6)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"time": 1.0, "st')
+    proc = run_tool(train_cmd(recipe, packed_root, str(run_dir), "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dropped 1 damaged line" in proc.stderr
+    assert [(m["step"], m["lr"]) for m in metrics(run_dir)] == [(m["step"], m["lr"]) for m in metrics(reference_dir)]
+
+
+def test_full_disk_while_saving_stops_cleanly(packed_root, tmp_path):
+    # RLIMIT_FSIZE makes every write past 1 MB fail like a full disk (EFBIG; Python ignores SIGXFSZ).
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, *train_cmd(write_recipe(str(tmp_path)), packed_root, run_dir)], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "error: could not write checkpoint step 15" in proc.stderr and "Traceback" not in proc.stderr
+    assert "free space or fix the folder, then --resume" in proc.stderr
+    assert not [n for n in os.listdir(run_dir) if n.startswith("ckpt-") and not n.endswith(".partial")]
+
+
+def test_mid_epoch_checkpoints_are_pruned_epoch_ones_kept(single_run, packed_root, tmp_path):
+    recipe, _, _ = single_run
+    run_dir = str(tmp_path / "run")
+    proc = run_tool(train_cmd(recipe, packed_root, run_dir, "--save-every-steps", "4", "--keep-mid-epoch", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [c.step for c in checkpoint.scan(run_dir)[0]]
+    # epochs end at 15, 30, 45, 75, 105; the newest mid-epoch one (a multiple of 4) is 104
+    assert steps == [15, 30, 45, 75, 104, 105]
+
+
+def test_the_trainer_does_not_need_validation_data(single_run, packed_root, tmp_path):
+    recipe, _, _ = single_run
+    root = str(tmp_path / "rec")
+    shutil.copytree(packed_root, root)
+    for size in ("40", "72"):
+        os.remove(os.path.join(root, size, "val.rec"))
+    proc = run_tool(train_cmd(recipe, root, str(tmp_path / "run"), "--io-only", "--bench-steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(single_run, packed_root, tmp_path_factory):
+    """The single run again, checkpointing every 4 steps and keeping them all."""
+    recipe, _, reference_out = single_run
+    run_dir = str(tmp_path_factory.mktemp("every4") / "run")
+    proc = run_tool(train_cmd(recipe, packed_root, run_dir, "--save-every-steps", "4", "--keep-mid-epoch", "0"),
+                    timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert digest_of(proc.stdout) == digest_of(reference_out)  # checkpointing more often changes nothing
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_at, exact", [(45, True), (30, False), (52, False)],
+                         ids=["phase boundary", "epoch boundary", "mid-epoch"])
+def test_which_resumes_reproduce_the_uninterrupted_run(single_run, checkpointed_run, packed_root, tmp_path,
+                                                       resume_at, exact):
+    """What README.md says: a resume at a phase boundary replays the uninterrupted run exactly; one inside a
+    phase continues the schedule exactly (steps, lr, epochs, phases) with a new order of images."""
+    recipe, reference_dir, reference_out = single_run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(checkpointed_run, run_dir)
+    for name in os.listdir(run_dir):
+        if name.startswith("ckpt-") and int(name[5:13]) > resume_at:
+            os.remove(os.path.join(run_dir, name))
+    resumed = run_tool(train_cmd(recipe, packed_root, run_dir, "--resume"), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from ckpt-{resume_at:08d}" in resumed.stdout
+    assert [(m["step"], m["lr"], m["epoch"], m["phase"]) for m in metrics(run_dir)] == \
+        [(m["step"], m["lr"], m["epoch"], m["phase"]) for m in metrics(reference_dir)]
+    assert (digest_of(resumed.stdout) == digest_of(reference_out)) == exact
+
+
+def test_damaged_packed_data_is_refused_before_training(packed_root, tmp_path):
+    root = str(tmp_path / "rec")
+    shutil.copytree(packed_root, root)
+    rec = os.path.join(root, "72", "train.rec")
+    with open(rec, "r+b") as f:  # what a copy cut short leaves; MXNet's reader would abort on it mid-training
+        f.truncate(os.path.getsize(rec) - 500)
+    proc = run_tool(train_cmd(write_recipe(str(tmp_path)), root, str(tmp_path / "run")))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "packed data '72' is damaged" in proc.stderr and "pack it again" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")

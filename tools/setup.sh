@@ -5,30 +5,78 @@
 #      (keyed on Python version, MXNet variant and version) and installed from that cache afterwards.
 # A second run with nothing changed takes a few seconds.
 #
-#   bash tools/setup.sh                             # CPU (default)
-#   GLUON_IMAGENET_DEVICE=gpu bash tools/setup.sh   # GPU: mxnet-cu117, Horovod with NCCL (needs CUDA 11.7, NCCL)
+#   bash tools/setup.sh                                # CPU (default)
+#   GLUON_IMAGENET_DEVICE=gpu bash tools/setup.sh      # GPU: mxnet-cu117, Horovod with NCCL (needs CUDA 11.7, NCCL)
+#   GLUON_IMAGENET_DEVICE=system bash tools/setup.sh   # an interpreter that already has MXNet (NVIDIA's container)
 #
-# Environment: PYTHON (default python3.11 or python3), GLUON_IMAGENET_WHEEL_CACHE (default
+# system: keeps that interpreter's own mxnet, numpy and horovod (and every other package it has) and installs only
+# what is missing, pinned. .venv is a venv made with --system-site-packages from that interpreter, so:
+#   - the interpreter's site-packages are only read, never written: `rm -rf .venv` undoes the set-up entirely,
+#     and the container's MXNet build (the one with Hopper code) is what runs;
+#   - pip installs into .venv under a generated constraints file that pins every package the interpreter has at
+#     its installed version: nothing is upgraded or downgraded; a pin that cannot fit fails the set-up instead;
+#   - every command stays `.venv/bin/python ...` (or `source .venv/bin/activate`), as in the other modes.
+# Horovod is built (as in the other modes) only when the interpreter has none.
+#
+# Environment: PYTHON (cpu/gpu: default python3.11 or python3; system: default the first of python3, python that
+# imports mxnet), GLUON_IMAGENET_VENV (default .venv), GLUON_IMAGENET_WHEEL_CACHE (default
 # ~/.cache/gluon_imagenet/wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 device=${GLUON_IMAGENET_DEVICE:-cpu}
 case "$device" in
-  cpu|gpu) ;;
-  *) echo "error: GLUON_IMAGENET_DEVICE=$device: use cpu or gpu" >&2; exit 2 ;;
+  cpu|gpu|system) ;;
+  *) echo "error: GLUON_IMAGENET_DEVICE=$device: use cpu, gpu or system" >&2; exit 2 ;;
 esac
-python=${PYTHON:-$(command -v python3.11 || command -v python3)}
-if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-  echo "error: $python is Python $("$python" -c 'import platform; print(platform.python_version())'); MXNet 1.9.1" \
-       "and these pins need Python 3.11: set PYTHON=/path/to/python3.11" >&2
-  exit 2
-fi
-
-venv=.venv
+venv=${GLUON_IMAGENET_VENV:-.venv}
 horovod_version=0.28.1
 mxnet_version=1.9.1
+
+if [ "$device" = system ]; then
+  python=${PYTHON:-}
+  if [ -z "$python" ]; then
+    for candidate in python3 python; do
+      if command -v "$candidate" >/dev/null && "$candidate" -c 'import mxnet' 2>/dev/null; then
+        python=$(command -v "$candidate"); break
+      fi
+    done
+  fi
+  if [ -z "$python" ] || ! "$python" -c 'import mxnet' 2>/dev/null; then
+    echo "error: GLUON_IMAGENET_DEVICE=system needs a Python that imports mxnet, and ${python:-neither python3 nor" \
+         "python} does not: set PYTHON=/path/to/python, or use GLUON_IMAGENET_DEVICE=cpu or gpu to install pip's MXNet" >&2
+    exit 2
+  fi
+  if ! "$python" -c 'import sys; sys.exit(sys.prefix != sys.base_prefix)'; then
+    echo "error: $python is a virtual environment's Python: a venv made from it would not see its packages; set" \
+         "PYTHON to the interpreter that environment was made from, or install into it with GLUON_IMAGENET_DEVICE=cpu" >&2
+    exit 2
+  fi
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 10), (3, 11)))'; then
+    echo "error: $python is Python $("$python" -c 'import platform; print(platform.python_version())'); the" \
+         "toolkit runs on Python 3.10 or 3.11: set PYTHON=/path/to/python3.10" >&2
+    exit 2
+  fi
+  # A new container release (another MXNet, numpy or Horovod) must redo the set-up.
+  system_versions=$("$python" -c 'import importlib, sys
+def v(m):
+    try:
+        return importlib.import_module(m).__version__
+    except Exception:
+        return "none"
+print(sys.executable, *(m + "=" + v(m) for m in ("mxnet", "numpy", "horovod")))')
+else
+  python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "error: $python is Python $("$python" -c 'import platform; print(platform.python_version())'); MXNet 1.9.1" \
+         "and these pins need Python 3.11: set PYTHON=/path/to/python3.11" >&2
+    exit 2
+  fi
+  system_versions=""
+fi
+
 stamp="$device $(cat setup.cfg pyproject.toml requirements/constraints.txt tools/setup.sh | sha256sum | cut -c1-16)"
+[ -z "$system_versions" ] || stamp="$stamp $system_versions"
 if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$stamp" ] \
    && "$venv/bin/python" -c 'import horovod.mxnet, mxnet' 2>/dev/null; then
   echo "setup: $venv is up to date ($device)"
@@ -36,25 +84,101 @@ if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$stamp" ] \
 fi
 
 echo "setup: creating $venv ($device) with $python"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
-# One command for every pin: installing gluoncv alone would upgrade numpy and break mxnet.
-"${pip[@]}" install -q -c requirements/constraints.txt -e ".[$device,test]" wheel
+if [ "$device" = system ]; then
+  if [ -f "$venv/pyvenv.cfg" ] && ! grep -q '^include-system-site-packages = true' "$venv/pyvenv.cfg"; then
+    echo "error: $venv exists and does not see $python's packages (made by GLUON_IMAGENET_DEVICE=cpu or gpu?):" \
+         "remove it (rm -rf $venv) or set GLUON_IMAGENET_VENV to another folder" >&2
+    exit 2
+  fi
+  if [ ! -x "$venv/bin/python" ]; then
+    # Without python3-venv's ensurepip (Debian/Ubuntu images), the venv uses the interpreter's own pip.
+    "$python" -m venv --system-site-packages "$venv" 2>/dev/null \
+      || { rm -rf "$venv"; "$python" -m venv --system-site-packages --without-pip "$venv"; }
+  fi
+  gen="$venv/.setup"
+  mkdir -p "$gen"
+  # What the interpreter has (outside $venv) is pinned as it is; what it lacks is installed at the toolkit's pins.
+  "$venv/bin/python" - "$venv" "$gen" <<'EOF'
+import configparser, os, re, sys
+from importlib import metadata
 
-py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-cache=${GLUON_IMAGENET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gluon_imagenet/wheels}
-cache="$cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
-if ! ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
-  echo "setup: building Horovod $horovod_version against mxnet $mxnet_version ($device) into $cache (a few minutes, once)"
-  mkdir -p "$cache.tmp"
-  if [ "$device" = gpu ]; then ops=(HOROVOD_GPU_OPERATIONS=NCCL); else ops=(HOROVOD_CPU_OPERATIONS=gloo); fi
-  # --no-build-isolation: the build must see the installed mxnet ("Could NOT find Mxnet" otherwise).
-  env HOROVOD_WITH_MXNET=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITH_GLOO=1 \
-      HOROVOD_WITHOUT_MPI=1 "${ops[@]}" \
-      "${pip[@]}" wheel -q --no-deps --no-build-isolation "horovod==$horovod_version" -w "$cache.tmp"
-  rm -rf "$cache" && mv "$cache.tmp" "$cache"  # only a complete build becomes the cache
+venv, gen = (os.path.realpath(p) for p in sys.argv[1:3])
+def key(name): return re.sub(r"[-_.]+", "-", name).lower()
+installed = {}  # normalised name -> (name, version), the interpreter's own packages only
+for dist in metadata.distributions():
+    name, where = dist.metadata["Name"], os.path.realpath(str(dist.locate_file("")))
+    if name and not where.startswith(venv + os.sep) and key(name) not in installed:
+        installed[key(name)] = (name, dist.version)
+owners = metadata.packages_distributions()
+# numpy without pip metadata could be shadowed by a second numpy that scipy or pandas pull in: refuse. Nothing
+# installed here depends on mxnet, so pip never touches an mxnet it does not know.
+if not any(key(d) in installed for d in owners.get("numpy", [])):
+    sys.exit("error: numpy imports but pip does not know its distribution, so it cannot be pinned: install "
+             "numpy with pip in that interpreter, or use GLUON_IMAGENET_DEVICE=cpu or gpu")
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+wanted = [r.strip() for r in cfg["options"]["install_requires"].splitlines() + \
+          cfg["options.extras_require"]["test"].splitlines() + ["wheel"] if r.strip() and not r.strip().startswith("#")]
+def req_name(line): return key(re.split(r"[=<>!~ ;\[]", line, 1)[0])
+with open("requirements/constraints.txt") as f:
+    ours = [l.strip() for l in f if l.strip() and not l.startswith("#") and req_name(l) not in installed]
+# A pin that depends on the Python version (a marker in constraints.txt) is chosen there, not in setup.cfg.
+by_marker = {req_name(l) for l in ours if ";" in l}
+missing = [req_name(r) if req_name(r) in by_marker else r for r in wanted if req_name(r) not in installed]
+# Versions that are not PEP 440 (rare local builds) cannot be pinned with ==: === pins them literally.
+pins = [f"{n}=={v}" if re.fullmatch(r"[0-9][0-9A-Za-z.+!_-]*", v) else f"{n}==={v}"
+        for n, v in sorted(installed.values(), key=lambda nv: key(nv[0]))]
+with open(os.path.join(gen, "constraints.txt"), "w") as f:
+    f.write("# generated by tools/setup.sh (system): the interpreter's packages as installed, then our pins\n")
+    f.write("\n".join(pins + ours) + "\n")
+with open(os.path.join(gen, "requirements.txt"), "w") as f:
+    f.write("".join(r + "\n" for r in missing))
+kept = sorted(n + " " + v for k, (n, v) in installed.items() if k in {req_name(r) for r in wanted} | {"mxnet", "numpy"}
+              or k.startswith("mxnet") or k == "horovod")
+print("setup: keeping the interpreter's " + ", ".join(kept))
+print("setup: installing " + (", ".join(missing) if missing else "nothing else: every dependency is there"))
+EOF
+  if [ -s "$gen/requirements.txt" ]; then
+    if ! "${pip[@]}" install -q -c "$gen/constraints.txt" -r "$gen/requirements.txt"; then
+      echo "error: the missing packages above do not fit with $python's own (pinned as installed in" \
+           "$gen/constraints.txt; nothing was changed there): see pip's message above" >&2
+      exit 1
+    fi
+  fi
+  # The toolkit itself, alone: its numpy pin is for pip's MXNet, not for the interpreter's.
+  "${pip[@]}" install -q --no-deps -e .
+  mxnet_version=$("$venv/bin/python" -c 'import mxnet; print(mxnet.__version__)')
+  if ! "$venv/bin/python" -c 'import horovod.mxnet' 2>/dev/null; then
+    # No Horovod with MXNet in the interpreter: build one like the other modes, for this MXNet's variant.
+    device=system-$("$venv/bin/python" -c 'import mxnet as mx; f = mx.runtime.Features()
+print("cuda" if f.is_enabled("CUDA") and f.is_enabled("NCCL") else "cpu")')
+  fi
+else
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  # One command for every pin: installing gluoncv alone would upgrade numpy and break mxnet.
+  "${pip[@]}" install -q -c requirements/constraints.txt -e ".[$device,test]" wheel
 fi
-"${pip[@]}" install -q --no-deps --force-reinstall "$cache"/horovod-*.whl
+
+if [ "$device" != system ]; then
+  py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  cache=${GLUON_IMAGENET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gluon_imagenet/wheels}
+  cache="$cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
+  if ! ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
+    echo "setup: building Horovod $horovod_version against mxnet $mxnet_version ($device) into $cache (a few minutes, once)"
+    mkdir -p "$cache.tmp"
+    case "$device" in
+      gpu|system-cuda) ops=(HOROVOD_GPU_OPERATIONS=NCCL) ;;
+      *) ops=(HOROVOD_CPU_OPERATIONS=gloo) ;;
+    esac
+    # --no-build-isolation: the build must see the installed mxnet ("Could NOT find Mxnet" otherwise).
+    env HOROVOD_WITH_MXNET=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITH_GLOO=1 \
+        HOROVOD_WITHOUT_MPI=1 "${ops[@]}" \
+        "${pip[@]}" wheel -q --no-deps --no-build-isolation "horovod==$horovod_version" -w "$cache.tmp"
+    rm -rf "$cache" && mv "$cache.tmp" "$cache"  # only a complete build becomes the cache
+  fi
+  "${pip[@]}" install -q --no-deps --force-reinstall "$cache"/horovod-*.whl
+fi
 "$venv/bin/python" -c 'import horovod.mxnet as hvd, mxnet; print("setup: mxnet", mxnet.__version__, "horovod", hvd.__version__ if hasattr(hvd, "__version__") else "ok")'
 echo "$stamp" > "$venv/.installed"

@@ -27,8 +27,9 @@ class Classifier(HybridBlock):
 
 
 def build_model(name: str, classes: int) -> Classifier:
-    """Uninitialised network. The last BatchNorm of every residual block starts at gamma = 0 (each block
-    starts as the identity: Goyal et al. 2017)."""
+    """Uninitialised network. In the bottleneck networks (ResNet-50) the last BatchNorm of every residual block
+    starts at gamma = 0, so each block starts as the identity (Goyal et al. 2017); gluoncv's BasicBlockV1b
+    (ResNet-18/34) ignores `last_gamma` (gluoncv/model_zoo/resnetv1b.py, in 0.7 and 0.10 alike)."""
     if name not in MODELS:
         raise ValueError(f"model {name!r} is not one of {', '.join(MODELS)}")
     return Classifier(get_model(name, classes=classes, last_gamma=True))

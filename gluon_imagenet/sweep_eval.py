@@ -10,14 +10,22 @@ checkpoint is evaluated at the image size of the phase it was trained in (times 
 phase's packed data: a low-resolution checkpoint scores near zero at the final size. --size-policy fixed uses
 one size for all (--image-size, default the recipe's eval_image_size), as the seed did.
 
-Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then sweep.png. A checkpoint
-already evaluated with the same settings is not evaluated again. Reads only the run folder (run.json and the
-checkpoints) and the packed data; it shares nothing with the training loop.
+Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then sweep.png (accuracy against
+training minutes, phases and target marked). A result is reused only for the same checkpoint file (its SHA-256)
+evaluated with the same settings (size, data root and packed data, crop fraction, batch size); a retrained
+checkpoint or another setting is evaluated again. Several sweeps may run on one run folder at once: each write
+merges into sweep.json under RUN_DIR/sweep.lock.
+
+--watch evaluates new checkpoints as training writes them, verifying each checkpoint's files once, and ends when
+the final checkpoint (the plan's last step) has been handled, or when no trainer holds RUN_DIR/train.lock and
+nothing is left to evaluate. Reads only the run folder (run.json and the checkpoints) and the packed data; it
+shares nothing with the training loop.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
@@ -26,12 +34,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gluon_imagenet import checkpoint
+from gluon_imagenet import checkpoint, locks
+from gluon_imagenet.devices import Device
 from gluon_imagenet.files import atomic_open
-from gluon_imagenet.recipe import packed_short_side
+from gluon_imagenet.packed import packed_short_side, read_meta
 
-RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
-                 "top5", "images")
+RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir",
+                 "crop_fraction", "batch_size", "top1", "top5", "images")
+# What every stored result must hold to be reported (a row without them makes sweep.json damaged).
+REQUIRED_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
+                   "top5", "images")
+SEED_TARGET_TOP5 = 0.93  # the seed's goal when no target is given
 
 
 class SweepError(Exception):
@@ -47,14 +60,26 @@ class Job:
     image_size: int
     data_dir: str
     record: dict
+    crop_fraction: float
+    batch_size: int
+    data_root: str  # absolute
+    data_id: str  # what identifies the packed validation data (pack.json's key, else the file's size and time)
+
+    @property
+    def params_sha256(self) -> str:
+        return self.record.get("files", {}).get(".params", {}).get("sha256", "")
 
     @property
     def key(self) -> str:
-        """What makes two evaluations of one checkpoint the same."""
-        return f"{self.checkpoint}@{self.image_size}/{self.data_dir}"
+        """Every input that changes the answer: the checkpoint file itself, the crop, the data, the batching.
+        Readable name and size first; the rest as a digest."""
+        settings = json.dumps([self.params_sha256, self.data_root, self.data_id, self.crop_fraction,
+                               self.batch_size], sort_keys=True)
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
+        return f"{self.checkpoint}@{self.image_size}/{self.data_dir}#{digest}"
 
 
-# ------------------------------------------------------------------------------------------------ planning
+# ------------------------------------------------------------------------------------------------ checking
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m gluon_imagenet.sweep_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,27 +93,88 @@ def parse_args(argv):
     p.add_argument("--eval-scale", type=float, default=1.0,
                    help="--size-policy phase: evaluate at the phase's size times this, rounded to a multiple of 8")
     p.add_argument("--crop-fraction", type=float, default=0.875,
-                   help="center crop / resized short side (default: 0.875)")
+                   help="center crop / resized short side, in (0, 1] (default: 0.875)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--every", type=int, default=1, help="every K-th checkpoint")
     p.add_argument("--from-epoch", type=float, default=0.0, help="only checkpoints at or after this epoch")
-    p.add_argument("--last", type=int, default=0, help="only the newest N checkpoints")
+    p.add_argument("--last", type=int, help="only the newest N checkpoints")
     p.add_argument("--target-top5", type=float, help="target top-5 accuracy, 0-1 (default 0.93 when no "
                    "--target-top1 is given)")
     p.add_argument("--target-top1", type=float, help="target top-1 accuracy, 0-1")
-    p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints until the final one")
-    p.add_argument("--poll-seconds", type=float, default=30.0)
+    p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints until the final one, or "
+                   "until training stops")
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="--watch: seconds between looks for new "
+                   "checkpoints")
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Values that mean nothing are refused by name, before anything is read."""
+    rules = [
+        ("--workers", args.workers, args.gpus is None and args.workers < 1, "a whole number >= 1"),
+        ("--image-size", args.image_size, args.image_size is not None and args.image_size < 1,
+         "a crop size in pixels, >= 1"),
+        ("--eval-scale", args.eval_scale, not args.eval_scale > 0, "a factor > 0 (1 = the phase's own size)"),
+        ("--crop-fraction", args.crop_fraction, not 0 < args.crop_fraction <= 1, "in (0, 1], e.g. 0.875"),
+        ("--batch-size", args.batch_size, args.batch_size < 1, "a whole number >= 1"),
+        ("--every", args.every, args.every < 1, "a whole number >= 1 (1 = every checkpoint)"),
+        ("--last", args.last, args.last is not None and args.last < 1,
+         "a whole number >= 1 (leave it out for all checkpoints)"),
+        ("--from-epoch", args.from_epoch, not args.from_epoch >= 0, "an epoch >= 0"),
+        ("--target-top5", args.target_top5, args.target_top5 is not None and not 0 <= args.target_top5 <= 1,
+         "an accuracy in [0, 1], e.g. 0.93 for 93%"),
+        ("--target-top1", args.target_top1, args.target_top1 is not None and not 0 <= args.target_top1 <= 1,
+         "an accuracy in [0, 1], e.g. 0.759 for 75.9%"),
+        ("--poll-seconds", args.poll_seconds, not args.poll_seconds > 0, "seconds > 0"),
+    ]
+    for flag, value, bad, allowed in rules:
+        if bad:
+            raise SweepError(f"{flag} {value:g}: must be {allowed}")
+
+
 def read_run(run_dir: str) -> dict:
+    """run.json, checked for what the sweep reads from it; any problem is one line."""
     if not os.path.isdir(run_dir):
         raise SweepError(f"--run-dir {run_dir!r} does not exist")
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         raise SweepError(f"{path!r} does not exist: not a run folder written by gluon_imagenet.train")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path} is damaged (not JSON: {e}); gluon_imagenet.train rewrites it on --resume") from None
+    recipe = run.get("recipe") if isinstance(run, dict) else None
+    phases = run.get("phases") if isinstance(run, dict) else None
+    problem = ""
+    if not isinstance(run, dict):
+        problem = f"holds a {type(run).__name__}, not an object"
+    elif not isinstance(recipe, dict) or not isinstance(recipe.get("phases"), list) or not recipe["phases"]:
+        problem = "has no recipe with phases"
+    elif not isinstance(phases, list) or not phases or not all(
+            isinstance(p, dict) and isinstance(p.get("first_step"), int) and isinstance(p.get("end_step"), int)
+            and isinstance(p.get("image_size"), int) and isinstance(p.get("data_dir"), str) for p in phases):
+        problem = "has no plan (phases with first_step, end_step, image_size, data_dir)"
+    elif not all(isinstance(p, dict) and isinstance(p.get("epochs"), list) and len(p["epochs"]) == 2
+                 for p in recipe["phases"]):
+        problem = "has a recipe phase without epochs [start, end]"
+    if problem:
+        raise SweepError(f"{path} {problem}: not a run.json written by gluon_imagenet.train")
+    return run
+
+
+def last_epoch(run: dict) -> float:
+    return float(run["recipe"]["phases"][-1]["epochs"][1])
+
+
+def final_step(run: dict) -> int:
+    return int(run["phases"][-1]["end_step"])
+
+
+def check_from_epoch(args, run: dict) -> None:
+    if args.from_epoch > last_epoch(run):
+        raise SweepError(f"--from-epoch {args.from_epoch:g}: the recipe ends at epoch {last_epoch(run):g}, so no "
+                         f"checkpoint would ever be selected; use an epoch in [0, {last_epoch(run):g}]")
 
 
 def round8(size: float) -> int:
@@ -127,25 +213,84 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
                      "tools/im2rec_multi.py --sizes")
 
 
-def plan_jobs(args, run: dict, data_root: str) -> tuple[list[Job], list[tuple[str, str]]]:
-    good, bad = checkpoint.scan(args.run_dir)
-    selected = [c for c in good if c.record.get("epoch", 0) >= args.from_epoch][:: max(1, args.every)]
-    if args.last:
-        selected = selected[-args.last:]
+def check_phase_data(args, run: dict, data_root: str) -> None:
+    """--watch: every phase's validation data exists before the first checkpoint of it is written."""
+    for phase in run["phases"]:
+        size, preferred = eval_size(args, run, phase)
+        data_dir_for(data_root, size, preferred, args.crop_fraction)
+
+
+def data_identity(data_root: str, data_dir: str) -> str:
+    """What changes when the validation split is packed again: pack.json's key for it, else val.rec's size and
+    modification time (data packed by other tools)."""
+    split = read_meta(os.path.join(data_root, data_dir)).get("splits", {}).get("val")
+    if isinstance(split, dict) and split.get("key"):
+        return f"pack:{split['key']}"
+    stat = os.stat(os.path.join(data_root, data_dir, "val.rec"))
+    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class Verifier:
+    """checkpoint.scan that hashes each checkpoint once per process. --watch looks every 30 s; re-hashing every
+    checkpoint each time reads the whole run (8 GB for an ImageNet run) from a shared file system again. A
+    checkpoint is verified again only when one of its files is new or changed (size, mtime or inode: the trainer
+    replaces files by renaming, so a rewritten file is a new inode)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self._known: dict[str, tuple] = {}  # name -> (file stamps, (checkpoint or None, problem))
+
+    def _stamp(self, name: str) -> tuple:
+        stamps = []
+        for ext in (".json", ".params", ".states"):
+            try:
+                st = os.stat(os.path.join(self.run_dir, name + ext))
+                stamps.append((st.st_size, st.st_mtime_ns, st.st_ino))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def scan(self) -> tuple[list[checkpoint.Checkpoint], list[tuple[str, str]]]:
+        """(intact checkpoints, [(name, problem)]) sorted by step, like checkpoint.scan."""
+        good, bad = [], []
+        # checkpoint's own listing and check, so both readers agree on what a checkpoint is.
+        for name, record_path in checkpoint._candidates(self.run_dir):
+            stamp = self._stamp(name)  # before hashing: a file changed meanwhile differs at the next look
+            known = self._known.get(name)
+            if known and known[0] == stamp:
+                ckpt, why = known[1]
+            else:
+                ckpt, why = checkpoint._check(name, record_path)
+                self._known[name] = (stamp, (ckpt, why))
+            if ckpt:
+                good.append(ckpt)
+            else:
+                bad.append((name, why))
+        return good, bad
+
+
+def select(args, good: list) -> list:
+    selected = [c for c in good if c.record.get("epoch", 0) >= args.from_epoch][:: args.every]
+    return selected[-args.last:] if args.last else selected
+
+
+def plan_jobs(args, run: dict, data_root: str, verifier: Verifier | None = None):
+    """(jobs for the selected checkpoints, [(name, problem)] for damaged ones, every intact checkpoint)."""
+    good, bad = (verifier or Verifier(args.run_dir)).scan()
+    root = os.path.abspath(data_root)
     jobs = []
-    for c in selected:
+    for c in select(args, good):
         size, preferred = eval_size(args, run, c.record)
-        jobs.append(Job(c.name, c.params_path, c.record.get("model", run["model"]),
-                        c.record.get("classes", len(run["classes"])), size,
-                        data_dir_for(data_root, size, preferred, args.crop_fraction), c.record))
-    return jobs, bad
+        data_dir = data_dir_for(data_root, size, preferred, args.crop_fraction)
+        jobs.append(Job(c.name, c.params_path, c.record.get("model", run.get("model")),
+                        c.record.get("classes", len(run.get("classes", []))), size, data_dir, c.record,
+                        args.crop_fraction, args.batch_size, root, data_identity(data_root, data_dir)))
+    return jobs, bad, good
 
 
-def check_devices(args) -> list[str]:
+def check_devices(args) -> list[Device]:
     if args.gpus is None:
-        if args.workers < 1:
-            raise SweepError(f"--workers {args.workers}: must be >= 1")
-        return ["cpu"] * args.workers
+        return [Device("cpu")] * args.workers
     try:
         ids = [int(g) for g in args.gpus.split(",") if g.strip()]
     except ValueError:
@@ -157,20 +302,16 @@ def check_devices(args) -> list[str]:
     if not ids or missing:
         raise SweepError(f"--gpus {args.gpus}: GPU {missing or ids} does not exist here (MXNet sees {available} "
                          f"GPUs{': ids 0..' + str(available - 1) if available else ''}); on a CPU use --workers N")
-    return [f"gpu:{g}" for g in ids]
+    return [Device("gpu", g) for g in ids]
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
-def evaluate(net, ctx, data_root: str, data_dir: str, image_size: int, batch_size: int, threads: int,
-             crop_fraction: float) -> tuple[int, int, int]:
-    """(top-1 hits, top-5 hits, images) over the whole validation set, each image counted exactly once."""
+def count_hits(net, ctx, iterator, total: int, batch_size: int) -> tuple[int, int, int]:
+    """(top-1 hits, top-5 hits, images) over one pass of a freshly reset validation iterator, each image counted
+    exactly once."""
     import mxnet as mx
 
-    from gluon_imagenet.data import packed_count, val_iterator
-
-    total = packed_count(data_root, data_dir, "val")
     top1 = top5 = seen = 0
-    iterator = val_iterator(data_root, data_dir, image_size, batch_size, threads, crop_fraction)
     for batch in iterator:
         # round_batch=False fills the last batch with stale samples and reports pad=0: count real ones here.
         real = min(batch_size, total - seen)
@@ -182,44 +323,77 @@ def evaluate(net, ctx, data_root: str, data_dir: str, image_size: int, batch_siz
         top1 += int((ranked[:, 0:1] == labels).sum().asscalar())
         top5 += int((ranked == labels).sum().asscalar())
         seen += real
-    if seen != total:
-        raise RuntimeError(f"evaluated {seen} validation images of {total} in {data_dir}")
     return top1, top5, seen
 
 
-def worker_main(device: str, jobs: list[Job], data_root: str, batch_size: int, threads: int, crop_fraction: float,
-                results) -> None:
-    """One process per device: evaluate its checkpoints in order, put each result on the queue."""
-    import mxnet as mx
+class Evaluator:
+    """One worker's networks and validation iterators, kept for all its checkpoints.
 
-    from gluon_imagenet.model import build_model
+    One iterator per (data dir, size, batch size, crop), reset between checkpoints: re-creating ImageRecordIter
+    leaks about its prefetch buffers each time (apache/mxnet#15218; bench/sweep_memory.py measures it), which
+    over hundreds of checkpoints at ImageNet batch sizes is gigabytes per worker. The iterator pins its batches
+    for the worker's own GPU (device_id), so a worker never opens a CUDA context on GPU 0."""
 
-    ctx = mx.cpu() if device == "cpu" else mx.gpu(int(device.split(":")[1]))
-    nets = {}
-    for job in jobs:
+    def __init__(self, device: Device, threads: int):
+        self.device = device
+        self.ctx = device.context
+        self.threads = threads
+        self.nets: dict[tuple, object] = {}
+        self.iterators: dict[tuple, tuple] = {}  # key -> (iterator, images in the split)
+
+    def net(self, model: str, classes: int):
+        from gluon_imagenet.model import build_model
+
+        if (model, classes) not in self.nets:
+            net = build_model(model, classes)
+            net.hybridize(static_alloc=True, static_shape=True)
+            self.nets[(model, classes)] = net
+        return self.nets[(model, classes)]
+
+    def iterator(self, data_root: str, data_dir: str, image_size: int, batch_size: int, crop_fraction: float):
+        from gluon_imagenet.data import packed_count, val_iterator
+
+        key = (data_root, data_dir, image_size, batch_size, crop_fraction)
+        if key not in self.iterators:
+            self.iterators[key] = (val_iterator(data_root, data_dir, image_size, batch_size, self.threads,
+                                                crop_fraction, device_id=self.device.iterator_device_id),
+                                   packed_count(data_root, data_dir, "val"))
+        iterator, total = self.iterators[key]
+        iterator.reset()  # also after a pass that stopped early (an error in the previous checkpoint)
+        return iterator, total
+
+    def evaluate(self, job: Job) -> dict:
         start = time.time()
+        net = self.net(job.model, job.classes)
+        net.load_parameters(job.params_path, ctx=self.ctx)
+        iterator, total = self.iterator(job.data_root, job.data_dir, job.image_size, job.batch_size,
+                                        job.crop_fraction)
+        top1, top5, images = count_hits(net, self.ctx, iterator, total, job.batch_size)
+        if images != total:
+            raise RuntimeError(f"evaluated {images} validation images of {total} in {job.data_dir}")
+        r = job.record
+        return {"checkpoint": job.checkpoint, "step": r["step"], "epoch": round(r["epoch"], 4),
+                "train_seconds": round(r["train_seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
+                "image_size": job.image_size, "data_dir": job.data_dir, "crop_fraction": job.crop_fraction,
+                "batch_size": job.batch_size, "data_root": job.data_root, "data_id": job.data_id,
+                "params_sha256": job.params_sha256, "top1": top1 / images, "top5": top5 / images, "images": images,
+                "eval_seconds": round(time.time() - start, 2), "device": str(self.device)}
+
+
+def worker_main(device: Device, jobs: list[Job], threads: int, results) -> None:
+    """One process per device: evaluate its checkpoints in order, put each result on the queue."""
+    evaluator = Evaluator(device, threads)
+    for job in jobs:
         try:
-            key = (job.model, job.classes)
-            if key not in nets:
-                nets[key] = build_model(job.model, job.classes)
-                nets[key].hybridize(static_alloc=True, static_shape=True)
-            net = nets[key]
-            net.load_parameters(job.params_path, ctx=ctx)
-            top1, top5, images = evaluate(net, ctx, data_root, job.data_dir, job.image_size, batch_size, threads,
-                                          crop_fraction)
+            row = evaluator.evaluate(job)
         except Exception as e:  # one bad checkpoint must not stop the others
             results.put(("error", job.key, f"{type(e).__name__}: {e}"))
             continue
-        r = job.record
-        results.put(("done", job.key, {
-            "checkpoint": job.checkpoint, "step": r["step"], "epoch": round(r["epoch"], 4),
-            "train_seconds": round(r["train_seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
-            "image_size": job.image_size, "data_dir": job.data_dir, "top1": top1 / images, "top5": top5 / images,
-            "images": images, "eval_seconds": round(time.time() - start, 2), "device": device}))
+        results.put(("done", job.key, row))
 
 
-def run_jobs(jobs: list[Job], devices: list[str], data_root: str, args, store: "ResultStore") -> list[str]:
-    """Round-robin over devices; results stored as they arrive. Returns the errors."""
+def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> dict[str, str]:
+    """Round-robin over devices; results stored as they arrive. Returns the errors by job key."""
     from tqdm import tqdm
 
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
@@ -229,11 +403,10 @@ def run_jobs(jobs: list[Job], devices: list[str], data_root: str, args, store: "
     for i, device in enumerate(devices):
         share = jobs[i:: len(devices)]
         if share:
-            proc = context.Process(target=worker_main, args=(device, share, data_root, args.batch_size, threads,
-                                                             args.crop_fraction, results), daemon=True)
+            proc = context.Process(target=worker_main, args=(device, share, threads, results), daemon=True)
             proc.start()
             processes.append((proc, {j.key for j in share}))
-    pending, errors = {j.key for j in jobs}, []
+    pending, errors = {j.key for j in jobs}, {}
     bar = tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr)
     images = 0
     start = time.time()
@@ -245,7 +418,7 @@ def run_jobs(jobs: list[Job], devices: list[str], data_root: str, args, store: "
                 lost = keys & pending
                 if not proc.is_alive() and lost:  # a crashed worker: its other checkpoints are reported
                     for k in sorted(lost):
-                        errors.append(f"{k}: worker on {proc.name} exited with code {proc.exitcode}")
+                        errors[k] = f"worker on {proc.name} exited with code {proc.exitcode}"
                     pending -= lost
             continue
         pending.discard(key)
@@ -254,7 +427,7 @@ def run_jobs(jobs: list[Job], devices: list[str], data_root: str, args, store: "
             images += payload["images"]
             bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
         else:
-            errors.append(f"{key}: {payload}")
+            errors[key] = payload
         bar.update()
     bar.close()
     for proc, _ in processes:
@@ -262,38 +435,88 @@ def run_jobs(jobs: list[Job], devices: list[str], data_root: str, args, store: "
     return errors
 
 
-# ------------------------------------------------------------------------------------------------ reporting
+# ------------------------------------------------------------------------------------------------ storing
 class ResultStore:
-    """sweep.json (every result, keyed by checkpoint and settings) and sweep.csv, rewritten atomically."""
+    """sweep.json (every result, keyed by checkpoint and settings) and sweep.csv.
+
+    Every write happens under RUN_DIR/sweep.lock and merges: sweep.json is read again, this process's results
+    are added, and both files are replaced atomically, so two sweeps on one run keep each other's results.
+    Results of a checkpoint that has since been written again (same name, other file) are dropped. A damaged
+    sweep.json is moved aside, never silently discarded."""
 
     def __init__(self, run_dir: str):
+        self.run_dir = run_dir
         self.json_path = os.path.join(run_dir, "sweep.json")
         self.csv_path = os.path.join(run_dir, "sweep.csv")
-        self.results: dict[str, dict] = {}
-        if os.path.isfile(self.json_path):
-            try:
-                with open(self.json_path) as f:
-                    self.results = json.load(f).get("results", {})
-            except ValueError:
-                self.results = {}  # a damaged store is rebuilt by evaluating again
+        self.lock_path = os.path.join(run_dir, "sweep.lock")
+        self.mine: dict[str, dict] = {}  # results this process evaluated
+        self.results: dict[str, dict] = {}  # everything known: sweep.json as last read, plus mine
+        self.current: dict[str, str] = {}  # checkpoint name -> its .params sha256, as now in the run dir
+        self.reload()
+
+    def _lock(self):
+        return locks.hold(self.lock_path, f"the sweep results of {self.run_dir}", wait=True)
+
+    def reload(self) -> None:
+        """Pick up what other sweeps wrote meanwhile."""
+        with self._lock():
+            self.results = {**self._read(), **self.mine}
 
     def add(self, key: str, row: dict) -> None:
-        self.results[key] = row
-        self._write_json()
-        self._write_csv()
+        with self._lock():
+            self.mine[key] = row
+            merged = {k: r for k, r in {**self._read(), **self.mine}.items() if not self._stale(r)}
+            with atomic_open(self.json_path) as f:
+                json.dump({"results": merged}, f, indent=1, sort_keys=True)
+            with atomic_open(self.csv_path, newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(sorted(merged.values(), key=lambda r: (
+                    r["step"], r["image_size"], r["data_dir"], r.get("crop_fraction") or 0, r.get("batch_size") or 0)))
+            self.results = merged
+
+    def _stale(self, row: dict) -> bool:
+        """A result for a checkpoint name whose file is now another one (deleted and trained again)."""
+        now = self.current.get(row["checkpoint"])
+        return now is not None and row.get("params_sha256") != now
+
+    def _read(self) -> dict[str, dict]:
+        """sweep.json's results; a damaged or foreign file is moved aside (and said so), not overwritten."""
+        if not os.path.isfile(self.json_path):
+            return {}
+        try:
+            with open(self.json_path) as f:
+                data = json.load(f)
+            problem = self._shape_problem(data)
+        except ValueError as e:
+            problem = f"not JSON ({e})"
+        if not problem:
+            return data["results"]
+        aside = f"{self.json_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(self.json_path, aside)
+        print(f"warning: {self.json_path} is damaged ({problem}); moved it to {aside} and evaluating those "
+              "checkpoints again", file=sys.stderr)
+        return {}
+
+    @staticmethod
+    def _shape_problem(data) -> str:
+        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+            return "expected an object with a 'results' object"
+        for key, row in data["results"].items():
+            if not isinstance(row, dict):
+                return f"result {key!r} is not an object"
+            missing = [f for f in REQUIRED_FIELDS if f not in row]
+            if missing:
+                return f"result {key!r} lacks {', '.join(missing)}"
+        return ""
 
     def rows(self, keys) -> list[dict]:
         return sorted((self.results[k] for k in keys if k in self.results), key=lambda r: r["step"])
 
-    def _write_json(self) -> None:
-        with atomic_open(self.json_path) as f:
-            json.dump({"results": self.results}, f, indent=1, sort_keys=True)
 
-    def _write_csv(self) -> None:
-        with atomic_open(self.csv_path, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(sorted(self.results.values(), key=lambda r: (r["step"], r["image_size"])))
+# ------------------------------------------------------------------------------------------------ reporting
+def resolve_targets(target_top5: float | None, target_top1: float | None) -> tuple[float | None, float | None]:
+    return (SEED_TARGET_TOP5, None) if (target_top5, target_top1) == (None, None) else (target_top5, target_top1)
 
 
 def time_to_accuracy(rows: list[dict], target_top5: float | None, target_top1: float | None) -> dict | None:
@@ -302,6 +525,17 @@ def time_to_accuracy(rows: list[dict], target_top5: float | None, target_top1: f
         if (target_top5 is None or row["top5"] >= target_top5) and (target_top1 is None or row["top1"] >= target_top1):
             return row
     return None
+
+
+def ranking_metric(target_top5: float | None, target_top1: float | None) -> str:
+    """The metric the user asked about: top-1 when a top-1 target is given, else top-5."""
+    return "top1" if target_top1 is not None else "top5"
+
+
+def best_row(rows: list[dict], target_top5: float | None, target_top1: float | None) -> dict:
+    first = ranking_metric(target_top5, target_top1)
+    second = "top5" if first == "top1" else "top1"
+    return max(rows, key=lambda r: (r[first], r[second]))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -319,37 +553,93 @@ def describe_target(target_top5, target_top1) -> str:
     return " and ".join(p for p in parts if p)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def _minutes_at(step: int, points: list[tuple[int, float]]) -> float | None:
+    """Training minutes at `step`, interpolated between checkpoints (and step 0 at 0 s); None past the last."""
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        if step in (s0, s1):  # a phase usually ends with a checkpoint: its own time, exactly
+            return (t0 if step == s0 else t1) / 60
+        if s0 < step < s1:
+            return (t0 + (t1 - t0) * (step - s0) / (s1 - s0)) / 60
+    return None
+
+
+def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | None], title: str = "") -> dict:
+    """Everything sweep.png shows, as numbers: accuracy against training minutes, where each phase starts (in
+    minutes, interpolated between the checkpoints around its first step) and its image size, the target lines,
+    and the first checkpoint reaching the targets."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    points = [(0, 0.0)] + [(r["step"], float(r["train_seconds"])) for r in rows]
+    phases = []
+    for i, p in enumerate(run["phases"]):
+        minutes = 0.0 if i == 0 else _minutes_at(p["first_step"], points)
+        phases.append({"first_step": p["first_step"], "image_size": p["image_size"], "label": f"{p['image_size']} px",
+                       "minutes": None if minutes is None else round(minutes, 4)})
+    target_top5, target_top1 = targets
+    lines = [{"metric": m, "value": v, "label": f"target {name} {v:.1%}"}
+             for m, name, v in (("top5", "top-5", target_top5), ("top1", "top-1", target_top1)) if v is not None]
+    metric = ranking_metric(target_top5, target_top1)
+    hit = time_to_accuracy(rows, target_top5, target_top1)
+    return {
+        "title": title,
+        "checkpoints": [r["checkpoint"] for r in rows],
+        "minutes": [round(r["train_seconds"] / 60, 4) for r in rows],
+        "top1": [r["top1"] for r in rows], "top5": [r["top5"] for r in rows],
+        "phases": phases,
+        "boundaries": [p["minutes"] for p in phases[1:] if p["minutes"] is not None],
+        "targets": lines,
+        "hit": None if hit is None else {
+            "checkpoint": hit["checkpoint"], "minutes": round(hit["train_seconds"] / 60, 4), "metric": metric,
+            "value": hit[metric],
+            "label": f"first to reach: {hit['checkpoint']}\n({hit['train_seconds'] / 60:.1f} min)"},
+    }
+
+
+def plot(data: dict, path: str) -> None:
+    """Draw plot_data's numbers: one panel, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, x_key, x_label in ((axes[0], "epoch", "epoch"), (axes[1], "train_seconds", "training time (s)")):
-        x = [r[x_key] for r in rows]
-        ax.plot(x, [r["top1"] for r in rows], "o-", label="top-1")
-        ax.plot(x, [r["top5"] for r in rows], "s-", label="top-5")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("validation accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label="top-1")
+    ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label="top-5")
+    for i, phase in enumerate(data["phases"]):
+        if phase["minutes"] is None:
+            continue
+        if i:
+            ax.axvline(phase["minutes"], color="gray", linestyle="--", linewidth=1)
+        ax.annotate(phase["label"], (phase["minutes"], 1.0), xytext=(4, -4), textcoords="offset points",
+                    ha="left", va="top", color="dimgray", fontsize=9)
+    for target in data["targets"]:
+        ax.axhline(target["value"], color="tab:orange" if target["metric"] == "top5" else "tab:blue",
+                   linestyle=":", linewidth=1.5, label=target["label"])
+    hit = data["hit"]
+    if hit:
+        ax.plot([hit["minutes"]], [hit["value"]], marker="*", markersize=20, color="crimson", linestyle="none",
+                zorder=5, label=hit["label"])
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: never over a curve or label
+    ax.set_title(data["title"], fontsize=10)
     fig.tight_layout()
-    fig.savefig(path + ".partial.png", dpi=100)
+    temp = f"{path}.{os.getpid()}.partial.png"  # two sweeps of one run may plot at the same moment
+    fig.savefig(temp, dpi=100)
     plt.close(fig)
-    os.replace(path + ".partial.png", path)
+    os.replace(temp, path)
 
 
-def report(args, store: ResultStore, jobs: list[Job]) -> None:
+def report(args, run: dict, store: ResultStore, jobs: list[Job]) -> None:
     rows = store.rows(j.key for j in jobs)
     if not rows:
         return
     print(format_table(rows))
-    targets = (args.target_top5, args.target_top1)
-    if targets == (None, None):
-        targets = (0.93, None)  # the seed's goal
+    targets = resolve_targets(args.target_top5, args.target_top1)
     hit = time_to_accuracy(rows, *targets)
     wanted = describe_target(*targets)
     if hit:
@@ -357,52 +647,128 @@ def report(args, store: ResultStore, jobs: list[Job]) -> None:
               f"step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']} (top-1 {hit['top1']:.2%}, top-5 "
               f"{hit['top5']:.2%})")
     else:
-        best = max(rows, key=lambda r: (r["top5"], r["top1"]))
+        best = best_row(rows, *targets)
         print(f"no checkpoint reached {wanted}: the best is {best['checkpoint']} (top-1 {best['top1']:.2%}, top-5 "
               f"{best['top5']:.2%})")
-    plot(rows, os.path.join(args.run_dir, "sweep.png"), f"{args.run_dir}: {args.size_policy} size policy")
-    print(f"results: {store.csv_path}, {store.json_path}, {os.path.join(args.run_dir, 'sweep.png')}")
+    png = os.path.join(args.run_dir, "sweep.png")
+    plot(plot_data(rows, run, targets, f"{args.run_dir}: {args.size_policy} size policy, center crop "
+                   f"{args.crop_fraction:g}"), png)
+    print(f"results: {store.csv_path}, {store.json_path}, {png}")
 
 
 # ------------------------------------------------------------------------------------------------ main
-def sweep_once(args, jobs: list[Job], bad, data_root, devices, store) -> None:
-    """Evaluate the planned checkpoints not evaluated yet; report the damaged ones."""
-    for name, why in bad:
-        print(f"skipping {name}: {why}", file=sys.stderr)
-    todo = [j for j in jobs if j.key not in store.results]
-    if len(todo) < len(jobs):
-        print(f"{len(jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
-    errors = run_jobs(todo, devices, data_root, args, store) if todo else []
-    for line in errors:
-        print(f"failed: {line}", file=sys.stderr)
+class Sweep:
+    """One sweep's state across --watch polls: what was verified, evaluated, failed and already said."""
+
+    def __init__(self, args, run: dict, data_root: str, devices: list[Device]):
+        self.args, self.run, self.data_root, self.devices = args, run, data_root, devices
+        self.verifier = Verifier(args.run_dir)
+        self.store: ResultStore | None = None
+        self.jobs: list[Job] = []
+        self.bad: dict[str, str] = {}
+        self.good: list = []
+        self.failed: dict[str, str] = {}  # job key -> error: not tried again while watching
+        self.said: set = set()
+        self.passes = 0
+
+    def plan(self) -> None:
+        self.jobs, bad, self.good = plan_jobs(self.args, self.run, self.data_root, self.verifier)
+        self.bad = dict(bad)
+
+    def say_once(self, line: str, file=sys.stdout) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            print(line, file=file, flush=True)
+
+    def evaluate(self) -> None:
+        """Evaluate the planned checkpoints not evaluated (or failed) yet; report the damaged ones."""
+        for name, why in self.bad.items():
+            self.say_once(f"skipping {name}: {why}", file=sys.stderr)
+        self.store.current = {c.name: c.record["files"][".params"]["sha256"] for c in self.good}
+        self.store.reload()
+        todo = [j for j in self.jobs if j.key not in self.store.results and j.key not in self.failed]
+        if len(todo) < len(self.jobs) and not self.passes:
+            print(f"{len(self.jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
+        self.passes += 1
+        errors = run_jobs(todo, self.devices, self.store) if todo else {}
+        for key, why in errors.items():
+            print(f"failed: {key}: {why}", file=sys.stderr)
+        self.failed.update(errors)
+
+    def watch_end(self, trainer: dict | None) -> str:
+        """Why --watch stops now, or "" to keep waiting. `trainer` is the train.lock holder seen before the
+        last scan, so a final checkpoint written before the trainer exited has been seen."""
+        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, final_step(self.run)))
+        if name in {c.name for c in self.good}:
+            job = next((j for j in self.jobs if j.checkpoint == name), None)
+            if job is None:
+                return f"the final checkpoint {name} is there (not in the selection of checkpoints to evaluate)"
+            if job.key in self.failed:
+                return f"the final checkpoint {name} could not be evaluated: {self.failed[job.key]}"
+            return f"the final checkpoint {name} is evaluated"
+        # A final checkpoint without its record may still be being written while the trainer runs.
+        if name in self.bad and not (trainer is not None and self.bad[name].startswith("partial")):
+            return f"the final checkpoint {name} is damaged ({self.bad[name]})"
+        if trainer is None:
+            return (f"training is not running (no process holds {os.path.join(self.args.run_dir, 'train.lock')}) "
+                    f"and the final checkpoint {name} (step {final_step(self.run)}) is missing: resume the training "
+                    "run, then sweep again")
+        return ""
+
+    def waiting_for(self, trainer: dict) -> str:
+        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, final_step(self.run)))
+        newest = self.good[-1].name if self.good else "none yet"
+        return (f"waiting for the final checkpoint {name} (newest intact: {newest}); training is running (pid "
+                f"{trainer.get('pid', '?')} on {trainer.get('host', '?')}); looking again every "
+                f"{self.args.poll_seconds:g} s")
+
+
+def trainer_holding(run_dir: str) -> dict | None:
+    return locks.holder(os.path.join(run_dir, "train.lock"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         run = read_run(args.run_dir)
+        check_from_epoch(args, run)
         data_root = args.data_root or run.get("data_root") or "recordio"
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
         devices = check_devices(args)
         if not checkpoint.exists_any(args.run_dir) and not args.watch:
             raise SweepError(f"no checkpoints in {args.run_dir!r}")
-        jobs, bad = plan_jobs(args, run, data_root)  # every selected checkpoint has its validation data
+        if args.watch:
+            check_phase_data(args, run, data_root)
+        sweep = Sweep(args, run, data_root, devices)
+        trainer = trainer_holding(args.run_dir)  # before the scan: see Sweep.watch_end
+        sweep.plan()  # every selected checkpoint has its validation data
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
-    store = ResultStore(args.run_dir)
-    print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(devices)))}, size policy "
-          f"{args.size_policy}, data {data_root}")
-    sweep_once(args, jobs, bad, data_root, devices, store)
-    while args.watch and not any(j.key in store.results and j.record.get("final") for j in jobs):
+    sweep.store = ResultStore(args.run_dir)
+    print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
+          f"policy {args.size_policy}, data {data_root}")
+    sweep.evaluate()
+    while args.watch:
+        why = sweep.watch_end(trainer)
+        if why:
+            print(f"watch ends: {why}", flush=True)
+            break
+        sweep.say_once(sweep.waiting_for(trainer))
         time.sleep(args.poll_seconds)
-        jobs, bad = plan_jobs(args, run, data_root)
-        sweep_once(args, jobs, bad, data_root, devices, store)
-    report(args, store, jobs)
-    if not store.rows(j.key for j in jobs):
+        trainer = trainer_holding(args.run_dir)
+        try:
+            sweep.plan()
+        except SweepError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        sweep.evaluate()
+    report(args, run, sweep.store, sweep.jobs)
+    if not sweep.store.rows(j.key for j in sweep.jobs):
         print("error: no checkpoint could be evaluated", file=sys.stderr)
         return 1
     return 0

@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             write_run_json(args, setup, ranks, environment)
             if choices or setup.device.kind == "gpu":
                 ranks.print(gpu_settings.format_settings(choices))
+            if kind != setup.device.kind:
+                ranks.print(f"warning: guessed a {kind} run before MXNet started (for its settings) but MXNet runs "
+                            f"on {setup.device}: pass --ctx {setup.device.kind} to make them agree",
+                            file=sys.stderr)
             plan = setup.plan
             ranks.print(f"{plan.total_steps} steps over {len(plan.phases)} phases on {ranks.size} worker(s), "
                         f"{setup.device}, amp {setup.amp_dtype or 'off'}, lr x {plan.lr_scale:g} "

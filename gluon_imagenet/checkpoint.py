@@ -94,7 +94,7 @@ def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
     them). The record goes first, so an interrupted deletion leaves what looks like an interrupted save, which
     resume and the sweep skip. Returns the names deleted."""
     mid = []
-    for name, record_path in _candidates(run_dir):
+    for name, record_path in candidates(run_dir):
         try:
             with open(record_path) as f:
                 if is_mid_epoch(json.load(f)):
@@ -132,7 +132,7 @@ def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
     return ckpt, ""
 
 
-def _candidates(run_dir: str) -> list[tuple[str, str | None]]:
+def candidates(run_dir: str) -> list[tuple[str, str | None]]:
     """(name, record path or None for a save interrupted before its record), sorted by step; nothing verified."""
     found = {}
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
@@ -143,7 +143,7 @@ def _candidates(run_dir: str) -> list[tuple[str, str | None]]:
     return sorted(found.items())
 
 
-def _check(name: str, record_path: str | None) -> tuple[Checkpoint | None, str]:
+def check(name: str, record_path: str | None) -> tuple[Checkpoint | None, str]:
     if record_path is None:
         return None, "partial: no .json record (interrupted while saving)"
     return problem(record_path)
@@ -151,14 +151,14 @@ def _check(name: str, record_path: str | None) -> tuple[Checkpoint | None, str]:
 
 def exists_any(run_dir: str) -> bool:
     """Whether run_dir holds any checkpoint file, intact or not (cheap: reads no file)."""
-    return bool(_candidates(run_dir))
+    return bool(candidates(run_dir))
 
 
 def scan(run_dir: str) -> tuple[list[Checkpoint], list[tuple[str, str]]]:
     """All checkpoints in run_dir sorted by step: (intact ones, [(name, problem)] for the damaged)."""
     good, bad = [], []
-    for name, record_path in _candidates(run_dir):
-        ckpt, why = _check(name, record_path)
+    for name, record_path in candidates(run_dir):
+        ckpt, why = check(name, record_path)
         if ckpt:
             good.append(ckpt)
         else:
@@ -170,8 +170,8 @@ def newest_intact(run_dir: str) -> tuple[Checkpoint | None, list[tuple[str, str]
     """The newest intact checkpoint, verifying newest first (each check hashes the files), and the damaged
     ones newer than it."""
     damaged = []
-    for name, record_path in reversed(_candidates(run_dir)):
-        ckpt, why = _check(name, record_path)
+    for name, record_path in reversed(candidates(run_dir)):
+        ckpt, why = check(name, record_path)
         if ckpt:
             return ckpt, damaged
         damaged.append((name, why))

@@ -58,3 +58,10 @@ def packed_short_side(data_root: str | None, data_dir: str) -> int | None:
         if isinstance(size, int):
             return size
     return int(data_dir) if data_dir.isdigit() else None
+
+
+def holds(short_side: int | None, pixels: float) -> bool:
+    """Whether images packed at `short_side` hold `pixels` (a crop, or the short side an evaluation resizes to)
+    without enlarging them: the one rule for the recipe's training crops and the sweep's evaluation sizes. An
+    unknown short side (data packed by other tools, a folder not named by its size) holds anything."""
+    return short_side is None or pixels <= short_side

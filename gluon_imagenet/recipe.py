@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from gluon_imagenet.packed import packed_short_side
+from gluon_imagenet.packed import holds, packed_short_side
 
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
@@ -195,7 +195,7 @@ def _check_sizes(recipe: Recipe, data_root: str | None) -> None:
 
 
 def _check_size_fits(source: str, where: str, size: int, short_side: int | None, data_dir: str) -> None:
-    if short_side is not None and size > short_side:
+    if not holds(short_side, size):
         raise RecipeError(f"{source}: {where}: {size} px is larger than the {short_side} px short side of data dir "
                           f"{data_dir!r}; use image_size <= {short_side} or a data dir packed larger")
 

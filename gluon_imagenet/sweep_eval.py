@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from gluon_imagenet import checkpoint, locks
 from gluon_imagenet.devices import Device
 from gluon_imagenet.files import atomic_open
-from gluon_imagenet.packed import packed_short_side, read_meta
+from gluon_imagenet.packed import holds, packed_short_side, read_meta
 
 RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir",
                  "crop_fraction", "batch_size", "top1", "top5", "images")
@@ -183,13 +183,20 @@ def round8(size: float) -> int:
 
 def eval_size(args, run: dict, record: dict) -> tuple[int, str]:
     """(crop size, packed data dir) for one checkpoint under the chosen size policy."""
-    recipe = run["recipe"]
-    last = recipe["phases"][-1]
     if args.size_policy == "fixed":
-        size = args.image_size or recipe.get("eval_image_size") or last["image_size"]
-        return size, recipe.get("eval_data_dir") or last["data_dir"]
+        recipe = run_recipe(run)  # the recipe's own rule for its evaluation defaults
+        return args.image_size or recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir
     size = record["image_size"] if args.eval_scale == 1 else round8(record["image_size"] * args.eval_scale)
     return size, record["data_dir"]
+
+
+def run_recipe(run: dict):
+    from gluon_imagenet.recipe import RecipeError, recipe_from_dict
+
+    try:
+        return recipe_from_dict(run["recipe"], source="run.json's recipe")
+    except RecipeError as e:
+        raise SweepError(str(e)) from None
 
 
 def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float) -> str:
@@ -198,15 +205,18 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
     def short(d):
         return packed_short_side(data_root, d) or 0
 
+    def holds_size(d, pixels):
+        return holds(packed_short_side(data_root, d), pixels)
+
     if not os.path.isfile(os.path.join(data_root, preferred, "val.rec")):
         raise SweepError(f"no validation data {os.path.join(data_root, preferred, 'val.rec')!r}; pack the val "
                          "split with tools/im2rec_multi.py")
-    if short(preferred) >= size:
+    if holds_size(preferred, size):
         return preferred
     packed = sorted((d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, "val.rec"))),
                     key=short)
     for d in packed:
-        if short(d) >= size / crop_fraction:
+        if holds_size(d, size / crop_fraction):
             return d
     raise SweepError(f"no packed validation data under {data_root!r} holds a {size} px crop (data dir "
                      f"{preferred!r}: {short(preferred) or 'missing'}); pack a larger size with "
@@ -254,13 +264,13 @@ class Verifier:
         """(intact checkpoints, [(name, problem)]) sorted by step, like checkpoint.scan."""
         good, bad = [], []
         # checkpoint's own listing and check, so both readers agree on what a checkpoint is.
-        for name, record_path in checkpoint._candidates(self.run_dir):
+        for name, record_path in checkpoint.candidates(self.run_dir):
             stamp = self._stamp(name)  # before hashing: a file changed meanwhile differs at the next look
             known = self._known.get(name)
             if known and known[0] == stamp:
                 ckpt, why = known[1]
             else:
-                ckpt, why = checkpoint._check(name, record_path)
+                ckpt, why = checkpoint.check(name, record_path)
                 self._known[name] = (stamp, (ckpt, why))
             if ckpt:
                 good.append(ckpt)

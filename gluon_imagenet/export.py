@@ -31,6 +31,7 @@ import shutil
 import sys
 
 from gluon_imagenet import checkpoint
+from gluon_imagenet.packed import read_meta
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
 # not wait for it. write_folder() loads the folder back through predict, so the two cannot drift apart.
@@ -53,12 +54,14 @@ def read_json(path: str, what: str) -> dict:
 
 
 def read_run(run_dir: str) -> dict:
-    if not os.path.isdir(run_dir):
-        raise ExportError(f"--run-dir {run_dir!r} does not exist")
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(path):
-        raise ExportError(f"{path!r} does not exist: --run-dir must be a run folder written by gluon_imagenet.train")
-    return read_json(path, "the run's record is damaged")
+    """run.json, checked as the sweep checks it (one reader of the run's record)."""
+    from gluon_imagenet.sweep_eval import SweepError
+    from gluon_imagenet.sweep_eval import read_run as read_checked
+
+    try:
+        return read_checked(run_dir)
+    except SweepError as e:
+        raise ExportError(str(e)) from None
 
 
 def sweep_rows(run_dir: str) -> list[dict]:
@@ -136,21 +139,13 @@ def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict],
     if mine:
         row = max(mine, key=rank_key)
         return int(row["image_size"]), str(row["data_dir"]), float(row.get("crop_fraction", DEFAULT_CROP_FRACTION)), row
-    recipe = run["recipe"]
-    last = recipe["phases"][-1]
-    return (recipe.get("eval_image_size") or last["image_size"], recipe.get("eval_data_dir") or last["data_dir"],
-            DEFAULT_CROP_FRACTION, None)
+    from gluon_imagenet.sweep_eval import SweepError, run_recipe
 
-
-def read_pack(folder: str) -> dict:
-    path = os.path.join(folder, "pack.json")
-    if not os.path.isfile(path):
-        return {}
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+        recipe = run_recipe(run)  # the recipe's own rule for its evaluation defaults
+    except SweepError as e:
+        raise ExportError(str(e)) from None
+    return recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir, DEFAULT_CROP_FRACTION, None
 
 
 def packer_settings(data_root: str, data_dir: str) -> dict:
@@ -159,7 +154,7 @@ def packer_settings(data_root: str, data_dir: str) -> dict:
     The packer resizes each image to its largest size first and every smaller one from the previous result
     (pack.encode_item). pack.json does not record which sizes were packed together, so they are taken to be
     the data root's packed dirs with the same quality, mode and validation list as this one, at least as large."""
-    meta = read_pack(os.path.join(data_root, data_dir))
+    meta = read_meta(os.path.join(data_root, data_dir))
     if not meta:
         # Packed by MXNet's im2rec, or the data root is gone: the folder name is the short side by convention.
         side = int(data_dir) if data_dir.isdigit() else None
@@ -173,7 +168,7 @@ def packer_settings(data_root: str, data_dir: str) -> dict:
     val = meta.get("splits", {}).get("val", {})
     chain = {side}
     for name in os.listdir(data_root) if not through else []:
-        other = read_pack(os.path.join(data_root, name))
+        other = read_meta(os.path.join(data_root, name))
         other_val = other.get("splits", {}).get("val", {})
         if (isinstance(other.get("short_side"), int) and other["short_side"] > side and other.get("quality") == quality
                 and not other.get("pass_through") and (other_val.get("found"), other_val.get("seed"))

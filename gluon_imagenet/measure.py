@@ -11,26 +11,28 @@ from gluon_imagenet.learner import Learner
 from gluon_imagenet.loop import RunOptions, phase_iterator
 
 
-def measure(args, setup, ranks) -> None:
+def measure(setup, ranks, *, synthetic: bool, steps: int, model: str, seed: int, data_root: str) -> None:
+    """Time `steps` steps per phase (after two warm-up steps) and print a table: with `synthetic`, training steps
+    on random data already on the device; otherwise the phase's input stream alone."""
     plan, ctx = setup.plan, setup.device.context
     learner = None
-    if args.synthetic:
+    if synthetic:
         recipe = plan.recipe
-        learner = Learner(model=args.model, classes=len(setup.classes), device=setup.device, ranks=ranks,
-                          seed=args.seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
+        learner = Learner(model=model, classes=len(setup.classes), device=setup.device, ranks=ranks,
+                          seed=seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
                           first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype)
-    options = RunOptions(None, args.data_root, args.model, args.seed, setup.threads, 1, 0, 0, 0)
+    options = RunOptions(None, data_root, model, seed, setup.threads, 1, 0, 0, 0)
     rows = []
     for phase in plan.phases:
         if learner:
             shape = (phase.batch_size, 3, phase.image_size, phase.image_size)
             data = mx.nd.random.randint(0, 256, shape=shape, ctx=ctx).astype("uint8")
             label = mx.nd.random.randint(0, len(setup.classes), shape=(phase.batch_size,), ctx=ctx)
-            batches = ((data, label) for _ in range(args.bench_steps + 2))
+            batches = ((data, label) for _ in range(steps + 2))
         else:
             iterator = phase_iterator(plan, phase, phase.first_step, options, ranks, setup.device)
-            batches = BatchStream(iterator).take(args.bench_steps + 2)
+            batches = BatchStream(iterator).take(steps + 2)
         for k, (data, label) in enumerate(batches):
             if k == 2:  # two warm-up steps: graph building, memory planning, prefetch
                 start = time.perf_counter()
@@ -40,9 +42,9 @@ def measure(args, setup, ranks) -> None:
                 data.as_in_context(ctx).wait_to_read()
         mx.nd.waitall()  # the last step's backward and update count too
         seconds = time.perf_counter() - start
-        rows.append((phase.index + 1, phase.image_size, phase.batch_size, args.bench_steps * phase.batch_size / seconds))
-    what = "compute (synthetic data)" if args.synthetic else "input pipeline (no model)"
-    ranks.print(f"{what}, {args.bench_steps} steps per phase, {setup.device}, amp {setup.amp_dtype or 'off'}, "
+        rows.append((phase.index + 1, phase.image_size, phase.batch_size, steps * phase.batch_size / seconds))
+    what = "compute (synthetic data)" if synthetic else "input pipeline (no model)"
+    ranks.print(f"{what}, {steps} steps per phase, {setup.device}, amp {setup.amp_dtype or 'off'}, "
                 f"{ranks.size} workers")
     ranks.print(f"{'phase':>5} {'size':>5} {'batch':>5} {'img/s/worker':>13} {'img/s total':>12}")
     for index, size, batch, rate in rows:

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic or args.io_only:
             from gluon_imagenet.measure import measure
 
-            measure(args, setup, ranks)
+            measure(setup, ranks, synthetic=args.synthetic, steps=args.bench_steps, model=args.model, seed=args.seed,
+                    data_root=args.data_root)
             ranks.finish()
             return 0
         resume_from = None

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 
@@ -47,7 +46,7 @@ class ProgressLog:
 
     def __init__(self, path: str | None, plan, ranks: int, log_every: int, start_step: int, enabled: bool):
         self.path, self.plan, self.ranks, self.log_every, self.enabled = path, plan, ranks, log_every, enabled
-        self.last_step, self.last_time = None, time.time()
+        self.last_step, self.last_time = None, 0.0
         if not enabled:
             return
         if path:
@@ -70,12 +69,12 @@ class ProgressLog:
                      "loss": r.loss if math.isfinite(r.loss) else str(r.loss)}
             phase = self.plan.phases[r.phase]
             if self.last_step is None:
-                self.last_step, self.last_time = r.step, time.time()  # the first step includes start-up: untimed
+                self.last_step, self.last_time = r.step, r.time  # the first step includes start-up: untimed
             elif self.is_log_step(r.step, phase):
-                now = time.time()
-                rate = (r.step - self.last_step) * phase.batch_size * self.ranks / max(now - self.last_time,
-                                                                                            1e-9)
-                self.last_step, self.last_time = r.step, now
+                # Timed by when the steps were issued (each waits for the one before), not by when their losses
+                # were read back, which happens in bunches.
+                rate = (r.step - self.last_step) * phase.batch_size * self.ranks / max(r.time - self.last_time, 1e-9)
+                self.last_step, self.last_time = r.step, r.time
                 entry["img_per_s"] = round(rate, 2)
                 print(f"{r.phase + 1:>5} {r.epoch:>5} {f'{r.step + 1}/{self.plan.total_steps}':>15} {r.lr:>9.4g} "
                       f"{r.loss:>8.4f} {rate:>8.1f} {self._eta(r.step, phase, rate):>9}", flush=True)

@@ -100,7 +100,7 @@ class Setup:
 def prepare(args, ranks) -> Setup:
     """Every check that can fail, before any work: recipe, packed data, device, memory."""
     from gluon_imagenet import devices
-    from gluon_imagenet.data import DataError, input_buffer_bytes, read_class_names, train_images_for
+    from gluon_imagenet.data import input_buffer_bytes, read_class_names, train_images_for
     from gluon_imagenet.schedule import make_plan
 
     from gluon_imagenet.pack import check_packed_split
@@ -122,7 +122,6 @@ def prepare(args, ranks) -> Setup:
         raise SetupError(str(e)) from None
     threads = args.threads or max(1, (os.cpu_count() or 1) // ranks.local_size)
     _check_memory(plan, ranks.local_size, input_buffer_bytes)
-    del DataError  # raised by the data helpers above; main() reports it
     return Setup(plan, classes, device, amp_dtype, threads)
 
 

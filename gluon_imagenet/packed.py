@@ -65,3 +65,34 @@ def holds(short_side: int | None, pixels: float) -> bool:
     without enlarging them: the one rule for the recipe's training crops and the sweep's evaluation sizes. An
     unknown short side (data packed by other tools, a folder not named by its size) holds anything."""
     return short_side is None or pixels <= short_side
+
+
+def split_entry(data_root: str, data_dir: str, split: str) -> dict:
+    """pack.json's entry for one split ({} when the folder was not packed by im2rec_multi or lacks the split)."""
+    entry = read_meta(os.path.join(data_root, data_dir)).get("splits", {}).get(split)
+    return entry if isinstance(entry, dict) else {}
+
+
+def data_identity(data_root: str, data_dir: str, split: str) -> str:
+    """What changes whenever a packed split's bytes change, the one identity the trainer, the sweep and export
+    record: the SHA-256 of the .rec as the packer wrote it (pack.json's `digest`, computed while writing), else
+    pack.json's settings key (packed before digests were recorded), else the .rec's size and modification time
+    (data packed by other tools)."""
+    entry = split_entry(data_root, data_dir, split)
+    if isinstance(entry.get("digest"), str) and entry["digest"]:
+        return f"sha256:{entry['digest']}"
+    if entry.get("key"):
+        return f"pack:{entry['key']}"
+    rec, _ = split_paths(data_root, data_dir, split)
+    stat = os.stat(rec)
+    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def resize_chain(data_root: str, data_dir: str, split: str) -> list[int] | None:
+    """The short sides the packer resized this split's images through, largest first, ending at this folder's
+    own (pack.json's `chain`, written by the packer for the sizes it packed together in one pass); None when
+    pack.json does not record it (packed by other tools or by an older packer)."""
+    chain = split_entry(data_root, data_dir, split).get("chain")
+    if isinstance(chain, list) and chain and all(isinstance(s, int) and s > 0 for s in chain):
+        return chain
+    return None

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from gluon_imagenet import checkpoint, locks
+from gluon_imagenet import checkpoint, locks, packed
 from gluon_imagenet.devices import Device
 from gluon_imagenet.files import atomic_open
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
@@ -231,13 +231,8 @@ def check_phase_data(args, run: dict, data_root: str) -> None:
 
 
 def data_identity(data_root: str, data_dir: str) -> str:
-    """What changes when the validation split is packed again: pack.json's key for it, else val.rec's size and
-    modification time (data packed by other tools)."""
-    split = read_meta(os.path.join(data_root, data_dir)).get("splits", {}).get("val")
-    if isinstance(split, dict) and split.get("key"):
-        return f"pack:{split['key']}"
-    stat = os.stat(os.path.join(data_root, data_dir, "val.rec"))
-    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+    """The packed validation split's identity (packed.data_identity)."""
+    return packed.data_identity(data_root, data_dir, "val")
 
 
 class Verifier:

@@ -52,15 +52,27 @@ def _digest(path: str) -> str:
 def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
     """Atomically save network, optimizer state and record for global `step` (steps completed)."""
     prefix = prefix_for(run_dir, step)
-    files = {}
-    for ext, write in ((".params", net.save_parameters), (".states", lambda path: save_optimizer_states(trainer, path))):
-        temp = f"{prefix}{ext}.partial"
-        write(temp)
-        files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
-        os.replace(temp, prefix + ext)
-    record = dict(record, step=step, files=files)
-    with atomic_open(prefix + ".json") as f:  # written last: its presence marks the checkpoint complete
-        json.dump(record, f, indent=1, sort_keys=True)
+    files, written = {}, []
+    try:
+        for ext, write in ((".params", net.save_parameters),
+                           (".states", lambda path: save_optimizer_states(trainer, path))):
+            temp = f"{prefix}{ext}.partial"
+            written.append(temp)
+            write(temp)
+            files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
+            os.replace(temp, prefix + ext)
+            written.append(prefix + ext)
+        record = dict(record, step=step, files=files)
+        written.append(prefix + ".json")
+        with atomic_open(prefix + ".json") as f:  # written last: its presence marks the checkpoint complete
+            json.dump(record, f, indent=1, sort_keys=True)
+    except BaseException:
+        # A full disk, or a stop (Ctrl-C, SIGTERM) while saving: leave no piece of this checkpoint, so that
+        # resume and the sweep see the previous one as the newest instead of reporting a damaged one.
+        for path in reversed(written):  # the record first: without it nothing claims to be complete
+            if os.path.exists(path):
+                os.remove(path)
+        raise
     return Checkpoint(step, prefix + ".json", record)
 
 

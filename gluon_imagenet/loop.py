@@ -40,6 +40,7 @@ class RunOptions:
     nan_patience: int  # consecutive non-finite steps tolerated
     save_every_steps: int  # 0: checkpoints at epoch ends only
     keep_mid_epoch: int  # mid-epoch checkpoints kept (0: all)
+    trained_on: dict | None = None  # classes, training images and data identity per data dir (resume.trained_on)
 
 
 def augmentation_of(recipe) -> Augmentation:
@@ -184,7 +185,9 @@ class Run:
                   "train_seconds": self.train_seconds, "recipe_digest": self.plan.recipe.digest(),
                   "world_size": self.ranks.size, "model": self.options.model, "classes": self.classes,
                   "lr": lr_at(self.plan, step - 1), "loss": loss, "final": step == self.plan.total_steps,
-                  "amp": self.learner.amp_dtype}
+                  "amp": self.learner.amp_dtype, "recipe": self.plan.recipe.to_dict()}
+        if self.options.trained_on:  # what a resume compares (resume.check)
+            record["trained_on"] = self.options.trained_on
         scaler = self.learner.loss_scaler_state()
         if scaler:
             record["loss_scaler"] = scaler

@@ -378,3 +378,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# The run-wide fields a resume compares: everything but the phases (compared one by one) and where it came from.
+_RUN_WIDE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("phases", "source"))
+
+
+def resume_edit_problem(trained: Recipe, new: Recipe, started_phases: int) -> str:
+    """Why `new` cannot continue a run trained with `trained` whose first `started_phases` phases have started
+    ("" when it can). Run-wide fields and every started phase must be unchanged (they made the parameters and the
+    step axis the checkpoint sits on); phases not started yet may change in any way, be added or removed."""
+    for name in _RUN_WIDE_FIELDS:
+        before, after = getattr(trained, name), getattr(new, name)
+        if before != after:
+            return f"run-wide field {name!r} is {_shown(before)} there and {_shown(after)} here"
+    if len(new.phases) < started_phases:
+        return (f"phase {started_phases} has started, and this recipe has {len(new.phases)} phase(s): keep every "
+                "started phase")
+    for index in range(started_phases):
+        for name in _PHASE_FIELDS_IN_ORDER:
+            before, after = getattr(trained.phases[index], name), getattr(new.phases[index], name)
+            if before != after:
+                return (f"{_phase_name(index, trained.phases[index])} has started and its field {name!r} is "
+                        f"{_shown(before)} there and {_shown(after)} here")
+    return ""
+
+
+_PHASE_FIELDS_IN_ORDER = tuple(f.name for f in dataclasses.fields(Phase))
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value) if isinstance(value, tuple) else value)

@@ -34,7 +34,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from gluon_imagenet import checkpoint, locks
+from gluon_imagenet import checkpoint, locks, resume, stops
 from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.names import MODELS
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
@@ -101,7 +101,7 @@ def prepare(args, ranks) -> Setup:
     """Every check that can fail, before any work: recipe, packed data, device, memory."""
     from gluon_imagenet import devices
     from gluon_imagenet.data import input_buffer_bytes, read_class_names, train_images_for
-    from gluon_imagenet.schedule import make_plan
+    from gluon_imagenet.schedule import check_batches_fit, make_plan
 
     from gluon_imagenet.pack import check_packed_split
 
@@ -114,6 +114,7 @@ def prepare(args, ranks) -> Setup:
     classes = read_class_names(args.data_root)
     plan = make_plan(recipe, train_images_for(args.data_root, [p.data_dir for p in recipe.phases]), ranks.size,
                      lr_scaling=args.lr_scaling)
+    check_batches_fit(plan)
     try:
         device = devices.for_rank(args.ctx, ranks.local_rank)
         amp_on = device.kind == "gpu" if args.amp is None else args.amp
@@ -164,23 +165,25 @@ def choose_checkpoint(args, setup: Setup, ranks) -> checkpoint.Checkpoint | None
     if chosen is None:
         raise SetupError(f"rank {ranks.rank} cannot read checkpoint step {step} in {args.run_dir}: every rank "
                          "needs the run dir (a shared file system across machines)")
-    record, recipe_digest = chosen.record, setup.plan.recipe.digest()
-    if record.get("recipe_digest") != recipe_digest:
-        raise SetupError(f"{chosen.name} was trained with another recipe (digest {record.get('recipe_digest')}, "
-                         f"this one {recipe_digest}): resume with the run's recipe (see run.json)")
-    if record.get("world_size") != ranks.size:
-        raise SetupError(f"{chosen.name} was trained on {record.get('world_size')} workers and this run has "
-                         f"{ranks.size}: the plan's steps depend on it; resume with -np {record.get('world_size')}")
-    if record.get("model") != args.model:
-        raise SetupError(f"{chosen.name} holds a {record.get('model')} network, not {args.model}: pass "
-                         f"--model {record.get('model')}")
+    record = chosen.record
+    try:
+        resume.check(chosen, setup.plan, run_facts(args, setup), ranks.size, args.model, setup.amp_dtype,
+                     args.data_root, resume.read_run_record(args.run_dir))
+    except resume.ResumeRefused as e:
+        raise SetupError(str(e)) from None
     scale = f", loss scale {record['loss_scaler']['loss_scale']:g}" if setup.amp_dtype and "loss_scaler" in record \
         else ""
     ranks.print(f"resuming from {chosen.name}: step {step}, epoch {record['epoch']:.3f}{scale}")
     return chosen
 
 
-def write_run_json(args, setup: Setup, ranks, environment: dict) -> None:
+def run_facts(args, setup: Setup) -> dict:
+    """The data a run trains on, as run.json and every checkpoint record keep it (resume compares them)."""
+    return resume.trained_on(setup.plan, setup.classes, args.data_root)
+
+
+def write_run_json(args, setup: Setup, ranks, environment: dict, resume_from=None) -> None:
+    """Only once every check passed (a refused resume leaves the run's record as it was)."""
     import mxnet as mx
 
     plan = setup.plan
@@ -202,12 +205,21 @@ def write_run_json(args, setup: Setup, ranks, environment: dict) -> None:
             "train_images": plan.train_images, "lr_scale": plan.lr_scale, "lr_scaling": plan.lr_scaling,
             "data_root": os.path.abspath(args.data_root), "environment": environment,
             "phases": [{"first_step": p.first_step, "end_step": p.end_step, "steps_per_epoch": p.steps_per_epoch,
-                        "image_size": p.image_size, "data_dir": p.data_dir} for p in plan.phases]}
+                        "image_size": p.image_size, "data_dir": p.data_dir} for p in plan.phases],
+            "trained_on": run_facts(args, setup),
+            "recipes": resume.recipe_history(resume.read_run_record(args.run_dir), resume_from, plan)}
     with atomic_open(os.path.join(args.run_dir, "run.json")) as f:
         json.dump(info, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM (horovodrun's way of ending its ranks): one line, exit 130/143, the lock released and
+    # a checkpoint being written removed (checkpoint.save), never a traceback.
+    with stops.clean_stop("train"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if stop_together(problem, "resume_check"):
             return 2
         if ranks.is_main:
-            write_run_json(args, setup, ranks, environment)
+            write_run_json(args, setup, ranks, environment, resume_from)
             if choices or setup.device.kind == "gpu":
                 ranks.print(gpu_settings.format_settings(choices))
             if kind != setup.device.kind:
@@ -282,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from:
             learner.load_states(resume_from.states_path, resume_from.record.get("loss_scaler"))
         options = RunOptions(args.run_dir, args.data_root, args.model, args.seed, setup.threads, args.log_every,
-                             args.nan_patience, args.save_every_steps, args.keep_mid_epoch)
+                             args.nan_patience, args.save_every_steps, args.keep_mid_epoch,
+                             trained_on=run_facts(args, setup))
         try:
             Run(plan, learner, ranks, setup.device, options, len(setup.classes), resume_from).train()
         except (Diverged, SaveFailed) as e:

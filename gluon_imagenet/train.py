@@ -215,8 +215,28 @@ def write_run_json(args, setup: Setup, ranks, environment: dict, resume_from=Non
 def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM (horovodrun's way of ending its ranks): one line, exit 130/143, the lock released and
     # a checkpoint being written removed (checkpoint.save), never a traceback.
-    with stops.clean_stop("train"):
-        return _main(argv)
+    try:
+        with stops.clean_stop("train", exit_on_stop=False):
+            return _main(argv)
+    except stops.Stopped as stop:
+        _leave_after_stop(stop.code)
+
+
+def _leave_after_stop(code: int):
+    """Under Horovod, shut Horovod down (the other ranks' background loops then end quietly instead of reporting
+    a reset connection) and leave without the exit hooks: MXNet's own (MXNotifyShutdown) raises "Horovod has been
+    shut down" and prints a traceback after the one line. The stop has already unwound every with and finally
+    block (the lock, partial files); only the output is left to flush."""
+    horovod = sys.modules.get("horovod.mxnet")
+    if horovod is not None:
+        try:
+            horovod.shutdown()
+        except Exception:  # noqa: BLE001 - leaving anyway; the one line is already printed
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def _main(argv: list[str] | None) -> int:

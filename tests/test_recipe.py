@@ -167,3 +167,152 @@ def test_augmentation_defaults_and_values():
     assert (load_recipe(SEED).mirror, load_recipe(SEED).aspect_ratio) == (True, (0.75, 4 / 3))
     recipe = recipe_from_dict(edit(lambda r: r.update(mirror=False, aspect_ratio=[1, 1])))
     assert (recipe.mirror, recipe.aspect_ratio) == (False, (1.0, 1.0))
+
+
+# --- resume across an edited recipe: the table of accepted and refused edits (resume.check, no training) ---
+
+def three_phases():
+    from conftest import TWO_PHASES
+
+    recipe = copy.deepcopy(TWO_PHASES)
+    recipe["phases"].append({"epochs": [5, 6], "lr": [0.01, 0.001], "lr_method": "linear", "batch_size": 8,
+                             "image_size": 64, "data_dir": "72"})
+    return recipe  # 240 images, 1 worker: steps 0-44 (15 per epoch), 45-104 (30 per epoch), 105-134
+
+
+def facts(classes=10, images=240, identity="pack:a"):
+    return {"classes": [f"c{i}" for i in range(classes)], "train_images": {"40": images, "72": images},
+            "train_data": {"40": identity, "72": identity + "2"}}
+
+
+def trained_checkpoint(step, trained, **record):
+    from gluon_imagenet.checkpoint import Checkpoint
+    from gluon_imagenet.schedule import make_plan
+
+    recipe = make_plan(recipe_from_dict(trained), 240, 1).recipe
+    base = {"recipe": recipe.to_dict(), "recipe_digest": recipe.digest(), "world_size": 1, "model": "resnet18_v1b",
+            "classes": 10, "amp": None, "trained_on": facts()}
+    return Checkpoint(step, f"/runs/r/ckpt-{step:08d}.json", dict(base, **record))
+
+
+def resume_problem(ckpt, edited, run_facts=None, workers=1, model="resnet18_v1b", amp=None, run_record=None):
+    from gluon_imagenet.resume import ResumeRefused, check
+    from gluon_imagenet.schedule import make_plan
+
+    run_facts = run_facts or facts()
+    plan = make_plan(recipe_from_dict(edited), run_facts["train_images"]["40"], workers)
+    try:
+        check(ckpt, plan, run_facts, workers, model, amp, "/data", run_record or {})
+    except ResumeRefused as e:
+        return str(e)
+    return ""
+
+
+def edited(change):
+    recipe = three_phases()
+    change(recipe)
+    return recipe
+
+
+EDITS = [  # (checkpoint step, edit, "" if accepted else part of the refusal)
+    (30, lambda r: None, ""),
+    (30, lambda r: r["phases"][1].update(batch_size=4), ""),
+    (30, lambda r: r["phases"][1].update(lr=[0.1, 0.001], lr_method="linear"), ""),
+    (30, lambda r: (r["phases"][1].update(epochs=[3, 7]), r["phases"][2].update(epochs=[7, 8])), ""),
+    (30, lambda r: r["phases"][1].update(image_size=32, data_dir="40"), ""),
+    (30, lambda r: r["phases"].pop(), ""),  # removing a later phase
+    (30, lambda r: r["phases"].append(dict(r["phases"][2], epochs=[6, 9])), ""),  # adding one
+    (60, lambda r: r["phases"][2].update(batch_size=2), ""),  # phase 2 in progress, phase 3 not started
+    (134, lambda r: r["phases"].append(dict(r["phases"][2], epochs=[6, 7])), ""),  # a finished run extended
+    (30, lambda r: r["phases"][0].update(batch_size=12),
+     "phase 1 (epochs [0, 3)) has started and its field 'batch_size' is 16 there and 12 here"),
+    (30, lambda r: r["phases"][0].update(lr=[0.05, 0.3]), "its field 'lr' is [0.05, 0.2] there and [0.05, 0.3] here"),
+    (30, lambda r: (r["phases"][0].update(epochs=[0, 4]), r["phases"][1].update(epochs=[4, 5])),
+     "phase 1 (epochs [0, 3)) has started and its field 'epochs' is [0, 3] there and [0, 4] here"),
+    (30, lambda r: r.update(momentum=0.8), "run-wide field 'momentum' is 0.9 there and 0.8 here"),
+    (30, lambda r: r.update(lr_scaling="none"), "run-wide field 'lr_scaling' is 'linear' there and 'none' here"),
+    (30, lambda r: r.update(mirror=False), "run-wide field 'mirror'"),
+    # A phase has started once its first step is at or before the checkpoint's: at a phase boundary too.
+    (45, lambda r: r["phases"][1].update(batch_size=4), "phase 2 (epochs [3, 5)) has started and its field "
+                                                        "'batch_size' is 8 there and 4 here"),
+    (60, lambda r: r["phases"][1].update(image_size=48), "field 'image_size' is 64 there and 48 here"),
+    (120, lambda r: r["phases"].pop(), "phase 3 has started, and this recipe has 2 phase(s)"),
+]
+
+
+@pytest.mark.parametrize("step, change, refusal", EDITS)
+def test_resume_accepts_edits_of_phases_not_started_and_refuses_the_rest(step, change, refusal):
+    problem = resume_problem(trained_checkpoint(step, three_phases()), edited(change))
+    if refusal:
+        assert refusal in problem and "was trained with another recipe" in problem
+        assert "edit only the phases after phase" in problem
+    else:
+        assert problem == ""
+
+
+def test_a_warm_up_reaching_an_edited_phase_is_refused():
+    trained = dict(three_phases(), warmup_epochs=4)  # the warm-up ends inside phase 2
+    changed = dict(edited(lambda r: r["phases"][1].update(batch_size=4)), warmup_epochs=4)
+    problem = resume_problem(trained_checkpoint(30, trained), changed)
+    assert "the warm-up ends at step 75 as trained and at step 105 with this recipe" in problem
+
+
+@pytest.mark.parametrize("kwargs, refusal", [
+    (dict(run_facts=facts(classes=5)), "ckpt-00000030 was trained on 10 classes (c0, c1, c2, c3, ...) and data root "
+                                       "'/data' has 5 (c0, c1, c2, c3, ...): resume with the data root it was trained "
+                                       "on, or train this data in a new --run-dir"),
+    (dict(run_facts=facts(images=250)), "trained on 240 training images in data dir '40' and data root '/data' has "
+                                        "250 there"),
+    (dict(run_facts=facts(identity="sha256:b")), "trained on other packed images in data dir '40' (identity pack:a, "
+                                                 "data root '/data' now has sha256:b"),
+    (dict(workers=2), "trained on 1 workers and this run has 2: the plan's steps depend on it; resume with -np 1"),
+    (dict(model="resnet50_v1b"), "holds a resnet18_v1b network, not resnet50_v1b: pass --model resnet18_v1b"),
+    (dict(amp="bfloat16"), "was trained with AMP off and this run has AMP bfloat16 (the optimizer state and loss "
+                           "scaler differ): pass --no-amp"),
+    (dict(run_record={"data_root": "/old/rec"}, run_facts=facts(classes=4)),
+     "resume with the data root it was trained on (/old/rec)"),
+])
+def test_resume_refuses_other_facts_naming_them(kwargs, refusal):
+    assert refusal in resume_problem(trained_checkpoint(30, three_phases()), three_phases(), **kwargs)
+
+
+def test_records_written_before_the_facts_were_recorded_compare_what_they_hold():
+    from gluon_imagenet.schedule import make_plan
+
+    digest = make_plan(recipe_from_dict(three_phases()), 240, 1).recipe.digest()
+    old = trained_checkpoint(30, three_phases())
+    legacy = type(old)(30, old.json_path, {"recipe_digest": digest, "world_size": 1, "model": "resnet18_v1b",
+                                           "classes": 10, "amp": None})
+    assert resume_problem(legacy, three_phases(), run_facts=facts(images=250, identity="x")) == ""
+    assert "trained on 10 classes and data root '/data' has 5" in resume_problem(legacy, three_phases(),
+                                                                                 run_facts=facts(classes=5))
+    # The recipe from run.json when it has the checkpoint's digest: an edit of a later phase is accepted ...
+    run_record = {"recipe_digest": digest, "recipe": old.record["recipe"], "train_images": 240}
+    assert resume_problem(legacy, edited(lambda r: r["phases"][2].update(batch_size=4)), run_record=run_record) == ""
+    # ... and without a recipe to compare with, only the same recipe resumes.
+    assert "trained with another recipe (digest" in resume_problem(
+        legacy, edited(lambda r: r["phases"][2].update(batch_size=4)))
+    # run.json's training images (240) put phase 1 on the step axis; 250 images now would move it.
+    assert "phase 1 has started and would move on the step axis" in resume_problem(
+        legacy, three_phases(), run_record=run_record, run_facts=facts(images=250))
+
+
+def test_run_json_keeps_which_recipe_trained_which_steps():
+    from gluon_imagenet.resume import recipe_history
+    from gluon_imagenet.schedule import make_plan
+
+    first, second = (make_plan(recipe_from_dict(r), 240, 1) for r in
+                     (three_phases(), edited(lambda r: r["phases"][2].update(batch_size=4))))
+    fresh = recipe_history({}, None, first)
+    assert [(e["digest"], e["from_step"]) for e in fresh] == [(first.recipe.digest(), 0)]
+    run = {"recipe_digest": first.recipe.digest(), "recipe": first.recipe.to_dict(), "recipes": fresh}
+    history = recipe_history(run, trained_checkpoint(60, three_phases()), second)
+    assert [(e["digest"], e["from_step"]) for e in history] == [(first.recipe.digest(), 0),
+                                                                (second.recipe.digest(), 60)]
+    assert history[1]["recipe"]["phases"][2]["batch_size"] == 4
+    # Resumed again with the same recipe: nothing new; resumed from before the edit: the edit's entry goes.
+    assert recipe_history(dict(run, recipes=history), trained_checkpoint(90, three_phases()), second) == history
+    assert recipe_history(dict(run, recipes=history), trained_checkpoint(45, three_phases()), first) == fresh
+    # run.json from before the history was kept: its recipe trained from step 0.
+    assert [e["from_step"] for e in recipe_history(run | {"recipes": None}, trained_checkpoint(60, three_phases()),
+                                                   second)] == [0, 60]

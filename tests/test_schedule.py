@@ -5,8 +5,9 @@ import os
 import pytest
 
 from gluon_imagenet.recipe import main as recipe_main, load_recipe, recipe_from_dict
-from gluon_imagenet.schedule import (epoch_at, interpolate, lr_at, lr_scale_for_workers, make_plan, phase_at,
-                                     step_at_epoch, steps_per_epoch, train_flops_per_image)
+from gluon_imagenet.schedule import (PlanError, check_batches_fit, epoch_at, interpolate, lr_at, lr_scale_for_workers,
+                                     make_plan, phase_at, shard_sizes, step_at_epoch, steps_per_epoch,
+                                     train_flops_per_image)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = os.path.join(ROOT, "recipes", "imagenet104.yaml")
@@ -157,3 +158,37 @@ def test_show_prints_the_plan(capsys):
     total = next(line for line in out.splitlines() if line.strip().startswith("total")).split()
     assert total[1:4] == ["40", "19,723", f"{sum(p for p in [1302*740, 3255*740, 6886*256, 3272*196, 5008*128]) * 8:,}"]
     assert "lr x 1" in out
+
+
+@pytest.mark.parametrize("images, parts, expected", [
+    (21, 1, [21]),
+    (21, 2, [11, 10]),
+    (21, 4, [6, 6, 6, 3]),  # ImageRecordIter's parts, counted here with num_parts/part_index
+    (21, 5, [5, 5, 5, 5, 1]),
+    (1, 2, [1, 0]),  # more ranks than images: an empty shard
+    (21, 8, [3, 3, 3, 3, 3, 3, 3, 0]),
+])
+def test_shard_sizes_are_imagerecorditers_parts(images, parts, expected):
+    assert shard_sizes(images, parts) == expected
+    assert sum(shard_sizes(images, parts)) == images
+
+
+@pytest.mark.parametrize("images, workers, batch, message", [
+    (21, 1, 32, "phase 1: batch_size 32 is more than the 21 image(s) per rank (21 training image(s)): lower "
+                "batch_size to <= 21, or pack more training images"),
+    (1, 2, 1, "phase 1: batch_size 1 is more than the 0 image(s) per rank (1 training image(s) over 2 ranks, the "
+              "smallest shard holding 0): use fewer ranks, or pack more training images"),
+    (21, 4, 4, "phase 1: batch_size 4 is more than the 3 image(s) per rank (21 training image(s) over 4 ranks, the "
+               "smallest shard holding 3): lower batch_size to <= 3"),
+])
+def test_a_batch_larger_than_a_shard_is_refused(images, workers, batch, message):
+    plan = make_plan(one_phase((0.1, 0.1), "linear", batch=batch), train_images=images, workers=workers)
+    with pytest.raises(PlanError) as e:
+        check_batches_fit(plan)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("images, workers, batch", [(21, 1, 21), (69, 2, 16), (21, 4, 3)])
+def test_a_batch_that_fits_every_shard_is_accepted(images, workers, batch):
+    check_batches_fit(make_plan(one_phase((0.1, 0.1), "linear", batch=batch), train_images=images,
+                                workers=workers))

@@ -186,3 +186,98 @@ def test_measure_modes_print_a_table_per_phase(packed_root, tmp_path, mode):
     rows = re.findall(r"^\s+(\d)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", proc.stdout, re.M)
     assert [r[:3] for r in rows] == [("1", "32", "16"), ("2", "64", "8")]
     assert all(float(r[3]) > 0 for r in rows)
+
+
+def copy_run_until(run_dir, step, to):
+    """A copy of a run dir as it was at checkpoint `step` (later checkpoints left out)."""
+    os.makedirs(to)
+    for name in os.listdir(run_dir):
+        if name in ("run.json", "metrics.jsonl") or (name.startswith("ckpt-") and int(name[5:13]) <= step):
+            shutil.copy(os.path.join(run_dir, name), to)
+    return str(to)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """3 classes, 21 training images: other classes than the shapes, and fewer images than a batch of 32."""
+    from gluon_imagenet.demo_data import generate
+
+    folder = tmp_path_factory.mktemp("tiny")
+    generate(str(folder / "src"), train_per_class=7, val_per_class=1, seed=3, classes=("disc", "ring", "star"))
+    proc = run_tool(["tools/im2rec_multi.py", str(folder / "src"), "--root", str(folder / "rec"), "--sizes", "40",
+                     "72"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(folder / "rec")
+
+
+@pytest.fixture(scope="module")
+def fewer_images_root(shapes_tree, tmp_path_factory):
+    """The shapes' classes with 10 training images fewer (230)."""
+    folder = tmp_path_factory.mktemp("fewer")
+    shutil.copytree(shapes_tree, folder / "src")
+    disc = folder / "src" / "train" / "disc"
+    for name in sorted(os.listdir(disc))[:10]:
+        os.remove(disc / name)
+    proc = run_tool(["tools/im2rec_multi.py", str(folder / "src"), "--root", str(folder / "rec"), "--sizes", "40",
+                     "72"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(folder / "rec")
+
+
+@pytest.mark.parametrize("root, message", [
+    ("tiny_root", "ckpt-00000030 was trained on 10 classes (bars, cross, diamond, disc, ...) and data root {root!r} "
+                  "has 3 (disc, ring, star): resume with the data root it was trained on ({trained})"),
+    ("fewer_images_root", "ckpt-00000030 was trained on 240 training images in data dir '40' and data root {root!r} "
+                          "has 230 there"),
+])
+def test_a_refused_resume_with_other_data_leaves_the_run_as_it_was(single_run, packed_root, tmp_path, request, root,
+                                                                   message):
+    recipe, run_dir, _ = single_run
+    copy = copy_run_until(run_dir, 30, tmp_path / "run")
+    before = {name: open(os.path.join(copy, name), "rb").read() for name in os.listdir(copy)}
+    other = request.getfixturevalue(root)
+    proc = run_tool(train_cmd(recipe, other, copy, "--resume"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message.format(root=other, trained=os.path.abspath(packed_root)) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = {name: open(os.path.join(copy, name), "rb").read() for name in os.listdir(copy) if name != "train.lock"}
+    assert after == before  # run.json byte-identical, nothing added
+
+
+def test_fewer_training_images_than_a_batch_is_refused_before_work(tiny_root, tmp_path):
+    recipe = dict(TWO_PHASES, eval_image_size=32, phases=[dict(TWO_PHASES["phases"][0], batch_size=32)])
+    run_dir = tmp_path / "run"
+    proc = run_tool(train_cmd(write_recipe(str(tmp_path), recipe), tiny_root, str(run_dir)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: phase 1: batch_size 32 is more than the 21 image(s) per rank (21 training image(s)): lower "
+        "batch_size to <= 21, or pack more training images")
+    assert not [name for name in os.listdir(run_dir) if name != "train.lock"]
+
+
+def test_a_resume_with_a_smaller_last_phase_batch_trains_the_new_plan(single_run, packed_root, tmp_path):
+    recipe, run_dir, _ = single_run
+    copy = copy_run_until(run_dir, 30, tmp_path / "run")
+    edited = json.loads(json.dumps(TWO_PHASES))
+    edited["phases"][1].update(batch_size=6, epochs=[3, 4])  # phase 2 starts at step 45: not started at step 30
+    path = write_recipe(str(tmp_path), edited, "smaller.yaml")
+    proc = run_tool(train_cmd(path, packed_root, copy, "--resume", "--log-every", "20"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from ckpt-00000030: step 30" in proc.stdout
+    before, after = make_plan(load_recipe(recipe), 240, 1), make_plan(load_recipe(path), 240, 1)
+    assert after.total_steps == 45 + 40 == 85
+    logged = metrics(copy)
+    assert [m["step"] for m in logged] == list(range(85))
+    assert [m["lr"] for m in logged] == pytest.approx([lr_at(before if s < 30 else after, s) for s in range(85)],
+                                                      rel=1e-12)
+    assert [m["lr"] for m in logged[:45]] == pytest.approx([lr_at(before, s) for s in range(45)], rel=1e-12)
+    good, _ = checkpoint.scan(copy)
+    assert [c.step for c in good] == [15, 30, 45, 85] and good[-1].record["final"]
+    assert good[-1].record["recipe_digest"] == after.recipe.digest()
+    with open(os.path.join(copy, "run.json")) as f:
+        run = json.load(f)
+    assert [(r["digest"], r["from_step"]) for r in run["recipes"]] == [(before.recipe.digest(), 0),
+                                                                       (after.recipe.digest(), 30)]
+    assert run["recipe_digest"] == after.recipe.digest() and run["recipe"]["phases"][1]["batch_size"] == 6
+    assert [(p["first_step"], p["end_step"]) for p in run["phases"]] == [(0, 45), (45, 85)]
+    assert run["trained_on"]["train_images"] == {"40": 240, "72": 240}

@@ -5,6 +5,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
-from gluon_imagenet import checkpoint
+from gluon_imagenet import checkpoint, locks
 from gluon_imagenet.recipe import load_recipe
 from gluon_imagenet.schedule import lr_at, make_plan
 
@@ -157,3 +158,51 @@ def test_damaged_packed_data_is_refused_before_training(packed_root, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "packed data '72' is damaged" in proc.stderr and "pack it again" in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+MXNET_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")  # MXNet's own info lines (the iterator's decode threads)
+
+
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "train: stopped (Ctrl-C)"),
+                                                (signal.SIGTERM, 143, "train: stopped by SIGTERM")])
+def test_a_stopped_trainer_ends_at_once_with_one_line(packed_root, tmp_path, signum, code, line):
+    run_dir = str(tmp_path / "run")
+    # Checkpoints every 2 steps: the stop often comes while one is being written.
+    proc = subprocess.Popen([sys.executable, *train_cmd(write_recipe(str(tmp_path)), packed_root, run_dir,
+                                                        "--save-every-steps", "2", "--keep-mid-epoch", "0")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (
+                os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(metrics(run_dir)) >= 5):
+            time.sleep(0.05)
+        start = time.monotonic()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.monotonic() - start < 10
+    assert proc.returncode == code, err[-3000:]
+    assert [text for text in err.splitlines() if not MXNET_LOG_LINE.match(text)] == [line]
+    assert locks.holder(os.path.join(run_dir, "train.lock")) is None
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".partial")]
+    good, damaged = checkpoint.scan(run_dir)
+    assert damaged == [] and good, os.listdir(run_dir)  # a checkpoint being written is complete or gone
+
+
+def test_an_interrupted_checkpoint_save_leaves_nothing(tmp_path):
+    import mxnet as mx
+
+    net = mx.gluon.nn.Dense(2, in_units=3)
+    net.initialize()
+    trainer = mx.gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.1, "momentum": 0.9}, kvstore=None)
+    with mx.autograd.record():
+        loss = net(mx.nd.ones((4, 3))).sum()
+    loss.backward()
+    trainer.step(4)
+    saved = checkpoint.save(str(tmp_path), 1, net, trainer, {"epoch": 1.0})
+    assert checkpoint.problem(saved.json_path)[1] == ""
+    with pytest.raises(TypeError):  # the record fails to write after .params and .states were renamed in place
+        checkpoint.save(str(tmp_path), 2, net, trainer, {"epoch": object()})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.json", "ckpt-00000001.params", "ckpt-00000001.states"]
+    assert [c.step for c in checkpoint.scan(str(tmp_path))[0]] == [1]

@@ -17,8 +17,9 @@ Measure compute (random data on the device) or input (no model) throughput per p
     python -m gluon_imagenet.train --recipe recipes/demo.yaml --data-root demo/recordio --synthetic
     python -m gluon_imagenet.train --recipe recipes/demo.yaml --data-root demo/recordio --io-only
 
-Exit codes: 0 done, 2 bad input or a run dir in use (nothing started), 3 training diverged, 4 a checkpoint could
-not be written (disk full...); in cases 3 and 4 every rank stops and the last good checkpoint stays.
+Exit codes: 0 done, 2 bad input, a run dir in use or a resume that cannot continue the run (nothing started or
+written), 3 training diverged, 4 a checkpoint could not be written (disk full...), 130/143 stopped by Ctrl-C or
+SIGTERM; in cases 3, 4 and 130/143 every rank stops and the last good checkpoint stays.
 
 This module is the command line: it checks everything that can be wrong before any work, then hands over to
 learner.py (one step), loop.py (the phases) and measure.py. MXNet is imported only after the command line is
@@ -223,20 +224,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_after_stop(code: int):
-    """Under Horovod, shut Horovod down (the other ranks' background loops then end quietly instead of reporting
-    a reset connection) and leave without the exit hooks: MXNet's own (MXNotifyShutdown) raises "Horovod has been
-    shut down" and prints a traceback after the one line. The stop has already unwound every with and finally
-    block (the lock, partial files); only the output is left to flush."""
+    """Leave without Python's finalization once the stop has unwound every with and finally block (the lock,
+    partial files; every file the trainer writes is closed by then). MXNet's exit hook (MXNotifyShutdown) waits
+    for its engine and destroys live iterators, whose decode threads may be mid-batch, and under Horovod raises
+    "Horovod has been shut down" with a traceback once another rank has gone. Horovod is shut down first, so
+    that the other ranks' background loops end quietly instead of reporting a reset connection."""
     horovod = sys.modules.get("horovod.mxnet")
     if horovod is not None:
         try:
             horovod.shutdown()
         except Exception:  # noqa: BLE001 - leaving anyway; the one line is already printed
             pass
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -281,3 +281,20 @@ def test_a_resume_with_a_smaller_last_phase_batch_trains_the_new_plan(single_run
     assert run["recipe_digest"] == after.recipe.digest() and run["recipe"]["phases"][1]["batch_size"] == 6
     assert [(p["first_step"], p["end_step"]) for p in run["phases"]] == [(0, 45), (45, 85)]
     assert run["trained_on"]["train_images"] == {"40": 240, "72": 240}
+
+
+@pytest.mark.slow
+def test_a_batch_larger_than_a_ranks_shard_is_refused_by_every_rank(tiny_root, tmp_path):
+    recipe = dict(TWO_PHASES, reference_workers=2, eval_image_size=32,
+                  phases=[dict(TWO_PHASES["phases"][0], batch_size=11)])  # 21 images: shards of 11 and 10
+    run_dir = tmp_path / "run"
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    proc = subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                           *train_cmd(write_recipe(str(tmp_path), recipe), tiny_root, str(run_dir))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert "Exit code: 2" in output, output[-3000:]
+    refusal = ("error: phase 1: batch_size 11 is more than the 10 image(s) per rank (21 training image(s) over 2 "
+               "ranks, the smallest shard holding 10): lower batch_size to <= 10")
+    assert output.count(refusal) == 2  # each rank finds it before any collective
+    assert os.listdir(run_dir) == ["train.lock"]

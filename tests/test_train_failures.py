@@ -206,3 +206,33 @@ def test_an_interrupted_checkpoint_save_leaves_nothing(tmp_path):
         checkpoint.save(str(tmp_path), 2, net, trainer, {"epoch": object()})
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.json", "ckpt-00000001.params", "ckpt-00000001.states"]
     assert [c.step for c in checkpoint.scan(str(tmp_path))[0]] == [1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_horovodrun_ends_every_rank_cleanly(packed_root, tmp_path):
+    run_dir = str(tmp_path / "run")
+    recipe = write_recipe(str(tmp_path), dict(TWO_PHASES, reference_workers=2))
+    # A terminal's Ctrl-C reaches horovodrun alone (each rank runs in a session of its own); horovodrun then
+    # sends SIGTERM to the ranks.
+    proc = subprocess.Popen([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+                             *train_cmd(recipe, packed_root, run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not (
+                os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and len(metrics(run_dir)) >= 3):
+            time.sleep(0.05)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 20
+    ranks = [text for text in output.splitlines() if re.match(r"\[\d\]<std(err|out)>:", text)]
+    assert sorted(t for t in ranks if "stopped" in t) == ["[0]<stderr>:train: stopped by SIGTERM",
+                                                          "[1]<stderr>:train: stopped by SIGTERM"], output[-3000:]
+    # Neither MXNet's exit hook ("Horovod has been shut down") nor Horovod's background loop (a reset connection)
+    # adds a traceback or error after the one line.
+    assert not [t for t in ranks if "Traceback" in t or "exception" in t.lower() or "Error" in t], output[-3000:]
+    assert locks.holder(os.path.join(run_dir, "train.lock")) is None

@@ -2,9 +2,9 @@
 
 A checkpoint continues only the run that made it: the same classes, the same training images (count and packed
 content, per data dir), the same workers, model and AMP setting, and a recipe whose run-wide fields and started
-phases are unchanged (phases not started yet may be edited, added or removed: recipe.resume_edit_problem). Each
-mismatch is one line naming the fact, the checkpoint's value, this run's and the fix. Records written before a
-fact was recorded lack it: what is not recorded is not compared.
+phases are unchanged (phases none of whose steps the checkpoint holds may be edited, added or removed:
+recipe.resume_edit_problem). Each mismatch is one line naming the fact, the checkpoint's value, this run's and
+the fix. Records written before a fact was recorded lack it: what is not recorded is not compared.
 
 run.json keeps the history of recipes ("recipes": which digest trained from which step on), while its "recipe",
 "recipe_digest" and "phases" stay the current plan (the sweep and export read those).
@@ -117,7 +117,10 @@ def _check_recipe(ckpt, plan, recorded: dict, run_record: dict) -> None:
         before = make_plan(trained, images, record.get("world_size", plan.workers))
     except PlanError as e:
         raise ResumeRefused(f"{name}: the plan it was trained on cannot be made again ({e})") from None
-    started = sum(1 for p in before.phases if p.first_step <= step)
+    # A phase has started once the checkpoint holds one of its steps: the phase that begins at the checkpoint's
+    # step (a phase-boundary checkpoint, where a batch too large for the device's memory first shows) may still
+    # change.
+    started = sum(1 for p in before.phases if p.first_step < step)
     fix = (f"edit only the phases after phase {started} (not started at step {step}), or resume with the run's "
            "recipe (see run.json)")
     problem = resume_edit_problem(trained, new, started)

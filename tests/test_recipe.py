@@ -232,8 +232,10 @@ EDITS = [  # (checkpoint step, edit, "" if accepted else part of the refusal)
     (30, lambda r: r.update(momentum=0.8), "run-wide field 'momentum' is 0.9 there and 0.8 here"),
     (30, lambda r: r.update(lr_scaling="none"), "run-wide field 'lr_scaling' is 'linear' there and 'none' here"),
     (30, lambda r: r.update(mirror=False), "run-wide field 'mirror'"),
-    # A phase has started once its first step is at or before the checkpoint's: at a phase boundary too.
-    (45, lambda r: r["phases"][1].update(batch_size=4), "phase 2 (epochs [3, 5)) has started and its field "
+    # A phase has started once the checkpoint holds one of its steps: at the phase boundary (step 45) it has not.
+    (45, lambda r: r["phases"][1].update(batch_size=4), ""),
+    (45, lambda r: r["phases"].pop(1) and r["phases"][1].update(epochs=[3, 4]), ""),
+    (46, lambda r: r["phases"][1].update(batch_size=4), "phase 2 (epochs [3, 5)) has started and its field "
                                                         "'batch_size' is 8 there and 4 here"),
     (60, lambda r: r["phases"][1].update(image_size=48), "field 'image_size' is 64 there and 48 here"),
     (120, lambda r: r["phases"].pop(), "phase 3 has started, and this recipe has 2 phase(s)"),

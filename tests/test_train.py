@@ -256,30 +256,32 @@ def test_fewer_training_images_than_a_batch_is_refused_before_work(tiny_root, tm
 
 
 def test_a_resume_with_a_smaller_last_phase_batch_trains_the_new_plan(single_run, packed_root, tmp_path):
+    """What a run whose last phase does not fit in memory needs: the phase-boundary checkpoint resumed with a
+    smaller batch for the phase that has not started."""
     recipe, run_dir, _ = single_run
-    copy = copy_run_until(run_dir, 30, tmp_path / "run")
+    copy = copy_run_until(run_dir, 45, tmp_path / "run")
     edited = json.loads(json.dumps(TWO_PHASES))
-    edited["phases"][1].update(batch_size=6, epochs=[3, 4])  # phase 2 starts at step 45: not started at step 30
+    edited["phases"][1]["batch_size"] = 6  # phase 2 starts at step 45
     path = write_recipe(str(tmp_path), edited, "smaller.yaml")
     proc = run_tool(train_cmd(path, packed_root, copy, "--resume", "--log-every", "20"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from ckpt-00000030: step 30" in proc.stdout
+    assert "resuming from ckpt-00000045: step 45" in proc.stdout
     before, after = make_plan(load_recipe(recipe), 240, 1), make_plan(load_recipe(path), 240, 1)
-    assert after.total_steps == 45 + 40 == 85
+    assert after.total_steps == 45 + 2 * 40 == 125
     logged = metrics(copy)
-    assert [m["step"] for m in logged] == list(range(85))
-    assert [m["lr"] for m in logged] == pytest.approx([lr_at(before if s < 30 else after, s) for s in range(85)],
+    assert [m["step"] for m in logged] == list(range(125))
+    assert [m["lr"] for m in logged] == pytest.approx([lr_at(before if s < 45 else after, s) for s in range(125)],
                                                       rel=1e-12)
-    assert [m["lr"] for m in logged[:45]] == pytest.approx([lr_at(before, s) for s in range(45)], rel=1e-12)
+    assert [m["phase"] for m in logged] == [0] * 45 + [1] * 80
     good, _ = checkpoint.scan(copy)
-    assert [c.step for c in good] == [15, 30, 45, 85] and good[-1].record["final"]
+    assert [c.step for c in good] == [15, 30, 45, 85, 125] and good[-1].record["final"]
     assert good[-1].record["recipe_digest"] == after.recipe.digest()
     with open(os.path.join(copy, "run.json")) as f:
         run = json.load(f)
     assert [(r["digest"], r["from_step"]) for r in run["recipes"]] == [(before.recipe.digest(), 0),
-                                                                       (after.recipe.digest(), 30)]
+                                                                       (after.recipe.digest(), 45)]
     assert run["recipe_digest"] == after.recipe.digest() and run["recipe"]["phases"][1]["batch_size"] == 6
-    assert [(p["first_step"], p["end_step"]) for p in run["phases"]] == [(0, 45), (45, 85)]
+    assert [(p["first_step"], p["end_step"]) for p in run["phases"]] == [(0, 45), (45, 125)]
     assert run["trained_on"]["train_images"] == {"40": 240, "72": 240}
 
 

@@ -42,6 +42,10 @@ def read_run_record(run_dir: str) -> dict:
     return run if isinstance(run, dict) else {}
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _names(classes: list) -> str:
     shown = ", ".join(map(str, classes[:4]))
     return shown + (", ..." if len(classes) > 4 else "")
@@ -51,7 +55,8 @@ def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str |
           run_record: dict) -> None:
     """Raise ResumeRefused when checkpoint `ckpt` (checkpoint.Checkpoint) cannot continue into `plan`."""
     record, name = ckpt.record, ckpt.name
-    recorded = record.get("trained_on") if isinstance(record.get("trained_on"), dict) else {}
+    recorded = {key: value for key, value in _mapping(record.get("trained_on")).items()
+                if isinstance(value, (dict, list))}
     trained_root = run_record.get("data_root")
     other_data = (f"resume with the data root it was trained on{f' ({trained_root})' if trained_root else ''}, "
                   "or train this data in a new --run-dir")
@@ -65,13 +70,13 @@ def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str |
         raise ResumeRefused(f"{name} was trained on {record['classes']} classes and data root {data_root!r} has "
                             f"{len(classes)}: {other_data}")
     for data_dir, count in sorted(facts["train_images"].items()):
-        old = recorded.get("train_images", {}).get(data_dir)
+        old = _mapping(recorded.get("train_images")).get(data_dir)
         if old is not None and old != count:
             raise ResumeRefused(f"{name} was trained on {old} training images in data dir {data_dir!r} and data "
                                 f"root {data_root!r} has {count} there (the plan's steps per epoch depend on "
                                 f"them): {other_data}")
     for data_dir, identity in sorted(facts["train_data"].items()):
-        old = recorded.get("train_data", {}).get(data_dir)
+        old = _mapping(recorded.get("train_data")).get(data_dir)
         if old is not None and old != identity:
             raise ResumeRefused(f"{name} was trained on other packed images in data dir {data_dir!r} (identity "
                                 f"{old}, data root {data_root!r} now has {identity}: packed again from other "
@@ -111,7 +116,7 @@ def _check_recipe(ckpt, plan, recorded: dict, run_record: dict) -> None:
             raise ResumeRefused(f"{name} was trained with another recipe (digest {record.get('recipe_digest')}, "
                                 f"this one {new.digest()}): resume with the run's recipe (see run.json)")
         trained = new
-    images = next(iter(recorded.get("train_images", {}).values()), None) or run_record.get("train_images") \
+    images = next(iter(_mapping(recorded.get("train_images")).values()), None) or run_record.get("train_images") \
         or plan.train_images
     try:
         before = make_plan(trained, images, record.get("world_size", plan.workers))
@@ -145,14 +150,16 @@ def recipe_history(run_record: dict, ckpt, plan) -> list[dict]:
     trained again); a changed recipe adds an entry from that step."""
     step = ckpt.step if ckpt else 0
     history = run_record.get("recipes")
-    if not isinstance(history, list) or not all(isinstance(e, dict) and "digest" in e for e in history):
+    if not isinstance(history, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("from_step"), int)
+            for e in history):
         history = []
         if run_record.get("recipe_digest"):
             history = [{"digest": run_record["recipe_digest"], "recipe": run_record.get("recipe"), "from_step": 0}]
         elif ckpt is not None and ckpt.record.get("recipe_digest"):
             history = [{"digest": ckpt.record["recipe_digest"], "recipe": ckpt.record.get("recipe"),
                         "from_step": 0}]
-    kept = [e for e in history if step and e.get("from_step", 0) < step]
+    kept = [e for e in history if step and e["from_step"] < step]
     digest = plan.recipe.digest()
     if not kept or kept[-1]["digest"] != digest:
         kept.append({"digest": digest, "recipe": plan.recipe.to_dict(), "from_step": step})

@@ -64,6 +64,11 @@ def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str |
     if isinstance(recorded.get("classes"), list):
         if recorded["classes"] != classes:
             old = recorded["classes"]
+            if len(old) == len(classes):  # the same count: name the first label that differs
+                label = next(i for i, (a, b) in enumerate(zip(old, classes)) if a != b)
+                raise ResumeRefused(f"{name} was trained with class {label} = {old[label]!r} and data root "
+                                    f"{data_root!r} has {classes[label]!r} there (other or shifted classes): "
+                                    f"{other_data}")
             raise ResumeRefused(f"{name} was trained on {len(old)} classes ({_names(old)}) and data root "
                                 f"{data_root!r} has {len(classes)} ({_names(classes)}): {other_data}")
     elif isinstance(record.get("classes"), int) and record["classes"] != len(classes):  # records before names

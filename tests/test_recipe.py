@@ -263,6 +263,8 @@ def test_a_warm_up_reaching_an_edited_phase_is_refused():
     (dict(run_facts=facts(classes=5)), "ckpt-00000030 was trained on 10 classes (c0, c1, c2, c3, ...) and data root "
                                        "'/data' has 5 (c0, c1, c2, c3, ...): resume with the data root it was trained "
                                        "on, or train this data in a new --run-dir"),
+    (dict(run_facts=dict(facts(), classes=["c0", "c1", "c2", "c3", "c4", "cX", "c6", "c7", "c8", "c9"])),
+     "trained with class 5 = 'c5' and data root '/data' has 'cX' there (other or shifted classes)"),
     (dict(run_facts=facts(images=250)), "trained on 240 training images in data dir '40' and data root '/data' has "
                                         "250 there"),
     (dict(run_facts=facts(identity="sha256:b")), "trained on other packed images in data dir '40' (identity pack:a, "

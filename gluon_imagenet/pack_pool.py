@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import signal
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -46,6 +47,11 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 def _how_they_ended(processes) -> str:
+    # The pool's own thread is reaping them at this moment (it ends the other workers of a broken pool): an exit
+    # status it has collected shows here a moment later.
+    deadline = time.monotonic() + 3
+    while any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.02)
     ends = []
     for p in processes:
         if p.exitcode is not None and p.exitcode < 0:

@@ -20,7 +20,8 @@
 #
 # Environment: PYTHON (cpu/gpu: default python3.11 or python3; system: default the first of python3, python that
 # imports mxnet), GLUON_IMAGENET_VENV (default .venv), GLUON_IMAGENET_WHEEL_CACHE (default
-# ~/.cache/gluon_imagenet/wheels).
+# $XDG_CACHE_HOME/gluon_imagenet/wheels, else ~/.cache/gluon_imagenet/wheels: it must be writable, which is
+# checked before anything is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,6 +74,35 @@ else
     exit 2
   fi
   system_versions=""
+fi
+
+# The wheel cache is decided before anything else (before the up-to-date check too, so that the answer does not
+# depend on the state of .venv): a build of Horovod must be able to land in it, and finding out after the whole
+# install (an unset HOME, `HOME: unbound variable`) wastes it. GLUON_IMAGENET_WHEEL_CACHE, when set, is used as
+# given; else the first writable of $XDG_CACHE_HOME/gluon_imagenet/wheels and $HOME/.cache/gluon_imagenet/wheels.
+# An interpreter with its own Horovod (system mode) builds nothing and needs none.
+writable_dir() { mkdir -p "$1" 2>/dev/null && : > "$1/.probe.$$" 2>/dev/null && rm -f "$1/.probe.$$"; }
+wheel_cache=""
+if [ "$device" = system ] && "$python" -c 'import horovod.mxnet' 2>/dev/null; then
+  :
+elif [ -n "${GLUON_IMAGENET_WHEEL_CACHE:-}" ]; then
+  if ! writable_dir "$GLUON_IMAGENET_WHEEL_CACHE"; then
+    echo "error: GLUON_IMAGENET_WHEEL_CACHE=$GLUON_IMAGENET_WHEEL_CACHE is not a writable folder (Horovod's wheel is" \
+         "built into it): set GLUON_IMAGENET_WHEEL_CACHE to a folder you can write" >&2
+    exit 2
+  fi
+  wheel_cache=$GLUON_IMAGENET_WHEEL_CACHE
+else
+  for candidate in ${XDG_CACHE_HOME:+"$XDG_CACHE_HOME/gluon_imagenet/wheels"} ${HOME:+"$HOME/.cache/gluon_imagenet/wheels"}; do
+    if writable_dir "$candidate"; then wheel_cache=$candidate; break; fi
+  done
+  if [ -z "$wheel_cache" ]; then
+    if [ -n "${HOME:-}" ]; then tried="HOME=$HOME is not writable"; else tried="HOME is unset"; fi
+    [ -z "${XDG_CACHE_HOME:-}" ] || tried="$tried and XDG_CACHE_HOME=$XDG_CACHE_HOME is not writable either"
+    echo "error: no writable folder for the wheel cache (Horovod is built into it once): $tried; set" \
+         "GLUON_IMAGENET_WHEEL_CACHE=/a/writable/folder" >&2
+    exit 2
+  fi
 fi
 
 stamp="$device $(cat setup.cfg pyproject.toml requirements/constraints.txt tools/setup.sh | sha256sum | cut -c1-16)"
@@ -163,8 +193,7 @@ fi
 
 if [ "$device" != system ]; then
   py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-  cache=${GLUON_IMAGENET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gluon_imagenet/wheels}
-  cache="$cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
+  cache="$wheel_cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
   if ! ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
     echo "setup: building Horovod $horovod_version against mxnet $mxnet_version ($device) into $cache (a few minutes, once)"
     mkdir -p "$cache.tmp"

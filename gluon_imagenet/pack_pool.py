@@ -2,37 +2,45 @@
 
 multiprocessing.Pool.imap, used before, waits forever when the kernel kills a worker (its task is never
 answered), and its terminate() could hang in the result handler's join after a Ctrl-C, holding the data root's
-lock. concurrent.futures.ProcessPoolExecutor watches its workers' sentinels: a worker that dies breaks the pool
-and every waiting future raises BrokenProcessPool at once. Work is submitted a bounded window ahead and taken in
-submission order, so the records are written in the same order whatever the number of processes.
+lock. concurrent.futures.ProcessPoolExecutor notices dead workers, but its manager thread races the
+interpreter's exit after a stop (Python 3.11.7: a hang in its exit handler's join, or an OSError traceback from
+its wake-up pipe, seen in about 1 of 20 SIGTERMs). So this pool has no threads at all: each worker has its own
+pipe and serves its tasks in order; chunk i goes to worker i % N, so the parent reads the results back in input
+order (the records are written in the same order whatever the number of processes), waiting on the worker's pipe
+and its process sentinel together: a worker that dies is seen at once.
 """
 from __future__ import annotations
 
-import collections
 import multiprocessing
 import signal
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import traceback
+from multiprocessing.connection import wait
 from typing import Callable, Iterable, Iterator
 
 from gluon_imagenet import stops
 
 CHUNK = 8  # items per task: few enough round trips, small enough that a stop or a death is noticed quickly
-AHEAD = 4  # tasks in flight per process, so that no process waits for the parent to hand out work
+AHEAD = 4  # tasks queued per worker, so that no worker waits for the parent to hand out work
 
 
 class WorkerDied(Exception):
     """A worker process ended without answering (killed by the kernel, e.g. out of memory, or by someone)."""
 
 
-def _init(initializer: Callable, initargs: tuple) -> None:
+def _serve(conn, function: Callable, initializer: Callable, initargs: tuple) -> None:
     stops.ignore_in_child()  # a Ctrl-C reaches the whole process group; the parent alone decides what it means
     initializer(*initargs)
-
-
-def _run_chunk(function: Callable, chunk: list) -> list:
-    return [function(x) for x in chunk]
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if chunk is None:
+            return
+        try:
+            conn.send((True, [function(x) for x in chunk]))
+        except Exception:  # noqa: BLE001 - a bug of ours: ends the run in the parent, with the worker's traceback
+            conn.send((False, traceback.format_exc()))
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -46,22 +54,15 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _how_they_ended(processes) -> str:
-    # The pool's own thread is reaping them at this moment (it ends the other workers of a broken pool): an exit
-    # status it has collected shows here a moment later.
-    deadline = time.monotonic() + 3
-    while any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    ends = []
-    for p in processes:
-        if p.exitcode is not None and p.exitcode < 0:
-            try:
-                ends.append(f"pid {p.pid} killed by {signal.Signals(-p.exitcode).name}")
-            except ValueError:
-                ends.append(f"pid {p.pid} killed by signal {-p.exitcode}")
-        elif p.exitcode not in (None, 0):
-            ends.append(f"pid {p.pid} exited with code {p.exitcode}")
-    return "; ".join(ends) or "a worker process ended abruptly"
+def _how_it_ended(process) -> str:
+    process.join(3)
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"pid {process.pid} killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"pid {process.pid} killed by signal {-code}"
+    return f"pid {process.pid} exited with code {code}"
 
 
 def ordered_map(function: Callable, items: Iterable, processes: int, initializer: Callable,
@@ -74,38 +75,63 @@ def ordered_map(function: Callable, items: Iterable, processes: int, initializer
         initializer(*initargs)
         yield from map(function, items)
         return
-    executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_init,
-                                   initargs=(initializer, initargs))
-    chunks, pending, workers, finished = _chunks(items, CHUNK), collections.deque(), [], False
-
-    def submit_next() -> None:
-        chunk = next(chunks, None)
-        if chunk is not None:
-            pending.append(executor.submit(_run_chunk, function, chunk))
-
+    context = multiprocessing.get_context("fork")
+    workers, conns = [], []
+    finished = False
     try:
+        for _ in range(processes):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_serve, args=(child_end, function, initializer, initargs), daemon=True)
+            process.start()
+            child_end.close()
+            workers.append(process)
+            conns.append(parent_end)
+        chunks = _chunks(items, CHUNK)
+        sent = 0  # chunks handed out; chunk i goes to worker i % processes
+
+        def send_next() -> None:
+            nonlocal sent
+            chunk = next(chunks, None)
+            if chunk is not None:
+                try:
+                    conns[sent % processes].send(chunk)
+                except OSError:  # BrokenPipeError: that worker is gone
+                    raise WorkerDied(_how_it_ended(workers[sent % processes])) from None
+                sent += 1
+
         for _ in range(processes * AHEAD):
-            submit_next()
-        # With the fork context every worker starts at the first submit: kept to say how they ended. (_processes
-        # is private, stable since Python 3.2; ProcessPoolExecutor.terminate_workers is 3.14's public form.)
-        workers = list((executor._processes or {}).values())
-        while pending:
+            send_next()
+        received = 0
+        while received < sent:
+            k = received % processes
+            conn, process = conns[k], workers[k]
+            if not conn.poll():
+                wait([conn, process.sentinel])
             try:
-                results = pending.popleft().result()
-            except BrokenProcessPool:
-                raise WorkerDied(_how_they_ended(workers)) from None
-            submit_next()
+                if not conn.poll():
+                    raise EOFError
+                ok, results = conn.recv()
+            except (EOFError, OSError):
+                raise WorkerDied(_how_it_ended(process)) from None
+            if not ok:
+                raise RuntimeError(f"a packing worker failed:\n{results}")
+            received += 1
+            send_next()
             yield from results
         finished = True
     finally:
         if finished:
-            executor.shutdown(wait=True)
-        else:
-            # Stopped, failed, or abandoned: end the workers now rather than wait for the tasks they hold. They
-            # ignore SIGINT and SIGTERM (see _init), so SIGKILL; they hold nothing that needs cleaning up.
-            executor.shutdown(wait=False, cancel_futures=True)
-            for p in workers or list((executor._processes or {}).values()):
-                if p.exitcode is None:
-                    p.kill()
-            for p in workers:
-                p.join(5)
+            for conn in conns:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass  # already gone: it had nothing left to do
+        # Stopped, failed, or abandoned: end the workers now rather than wait for the tasks they hold. They ignore
+        # SIGINT and SIGTERM (see _serve), so SIGKILL; they hold nothing that needs cleaning up.
+        for process in workers:
+            if not finished and process.exitcode is None:
+                process.kill()
+        for process in workers:
+            process.join(5 if not finished else None)
+        for conn in conns:
+            conn.close()

@@ -727,14 +727,14 @@ def test_empty_class_folder_is_refused_before_any_work(tmp_path, split, content)
 # ---------------------------------------------------------------------------------------------- clean stops
 @pytest.fixture(scope="module")
 def busy_tree(tmp_path_factory):
-    """Enough large images that two workers take about 10 s: a stop lands mid-pack (generating is the slow part,
-    so 2 images per class are copied under 40 more names)."""
+    """Enough large images that two workers take about 3 s: a stop lands mid-pack (generating is the slow part,
+    so 2 images per class are copied under 12 more names)."""
     out = tmp_path_factory.mktemp("busy")
     generate(str(out), train_per_class=2, val_per_class=1, seed=17, classes=("disc", "ring", "star"),
              size=(1200, 1600))
     for folder in (out / "train").iterdir():
         for image in list(folder.iterdir()):
-            for copy in range(40):
+            for copy in range(12):
                 shutil.copyfile(image, folder / f"copy{copy}_{image.name}")
     return str(out)
 
@@ -795,7 +795,7 @@ def test_stop_mid_pack_ends_cleanly_and_rerun_packs_the_rest(busy_tree, tmp_path
         rerun = run_tool(["tools/im2rec_multi.py", busy_tree, "--root", str(root), "--sizes", "64", "128",
                           "--workers", "2"])
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert len(read_index(str(root / "128" / "train.idx"))) == 3 * 2 * 41
+        assert len(read_index(str(root / "128" / "train.idx"))) == 3 * 2 * 13
         assert run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)]).returncode == 0
 
 

@@ -7,17 +7,22 @@ r"""Pack an ImageNet-style image tree into RecordIO at several sizes, in paralle
 
 Input: SRC/train/<class>/* and SRC/val/<class>/* (or SRC/val/* with --val-labels, one `filename label` per
 line, label a class folder name or its index). Output, for each size S (short side after resizing, aspect
-kept): ROOT/S/{train,val}.{rec,idx,lst} in MXNet's im2rec format, ROOT/S/pack.json (what was packed and how),
-ROOT/classes.txt (index and class folder name, shared by every size and split), and ROOT/<split>.skipped.tsv
+kept): ROOT/S/{train,val}.{rec,idx,lst} in MXNet's im2rec format, ROOT/S/pack.json (what was packed and how;
+per split: counts, `key` of what it was packed from, `digest` the SHA-256 of the .rec as written, `chain` the
+sizes its images were resized through, largest first, ending at S), ROOT/classes.txt (index and class folder name, shared by every size and split), and ROOT/<split>.skipped.tsv
 (files that could not be packed, with the reason; a header line `path<TAB>reason`, then one line per file, with
 backslash, tab, newline and carriage return in a field written as \\, \t, \n, \r and bytes of a file name that
 are not UTF-8 as \xNN: read_skipped() reverses the first four).
 
 Each image is read and decoded once, then resized and JPEG-encoded for every size. No single image can stop a
-split: one that cannot be read, decoded, resized or encoded is skipped and listed. Outputs are written under
-temporary names and renamed when complete; a split already packed with the same settings, whose files pass
-verify_split, is skipped on re-run (a damaged one is packed again). One packer at a time per data root: a second
-one exits 2 naming the first (the lock is ROOT/.pack.lock; --verify takes none).
+split: one that cannot be read, decoded, resized or encoded is skipped and listed, as are files directly in
+train/ or val/ (not in a class folder) and, with --pass-through, images whose short side is not the size given.
+A class folder with nothing packable in it is refused before any work. Outputs are written under temporary
+names and renamed when complete; a split already packed from the same files (paths, sizes and modification
+times) with the same settings, whose files pass verify_split, is skipped on re-run (a damaged one is packed
+again). One packer at a time per data root: a second one exits 2 naming the first (the lock is ROOT/.pack.lock;
+--verify takes none). Ctrl-C or SIGTERM stops it within a second or so (exit 130/143, .partial files removed,
+the lock released); a worker killed by the kernel ends it with one error line (exit 1).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ Input: SRC/train/<class>/* and SRC/val/<class>/* (or SRC/val/* with --val-labels
 line, label a class folder name or its index). Output, for each size S (short side after resizing, aspect
 kept): ROOT/S/{train,val}.{rec,idx,lst} in MXNet's im2rec format, ROOT/S/pack.json (what was packed and how;
 per split: counts, `key` of what it was packed from, `digest` the SHA-256 of the .rec as written, `chain` the
-sizes its images were resized through, largest first, ending at S), ROOT/classes.txt (index and class folder name, shared by every size and split), and ROOT/<split>.skipped.tsv
+sizes its images were resized through, largest first, ending at S), ROOT/classes.txt (index and class folder
+name, shared by every size and split), and ROOT/<split>.skipped.tsv
 (files that could not be packed, with the reason; a header line `path<TAB>reason`, then one line per file, with
 backslash, tab, newline and carriage return in a field written as \\, \t, \n, \r and bytes of a file name that
 are not UTF-8 as \xNN: read_skipped() reverses the first four).
@@ -162,7 +163,8 @@ def list_split(src: str, split: str, classes: list[str], val_labels: str | None 
         if name not in index:
             raise PackError(f"{os.path.join(folder, name)!r}: class {name!r} is not among the train classes")
         class_folders += 1
-        found = [_item(src, os.path.join(split, name, f), index[name]) for f in _files_under(os.path.join(folder, name))]
+        found = [_item(src, os.path.join(split, name, f), index[name])
+                 for f in _files_under(os.path.join(folder, name))]
         if all(_cannot_pack_unread(item) for item in found):
             # It would become an output class that nothing trains (or a class nothing evaluates).
             what = (f"holds {len(found)} file(s), none packable (empty, or a name the .lst cannot hold)" if found
@@ -437,7 +439,7 @@ def pack_split(split: str, items: list[Item], classes: list[str], settings: Sett
         os.makedirs(os.path.join(root, str(size)), exist_ok=True)
         _forget_split(os.path.join(root, str(size)), split)  # a half-replaced split must not look complete
         writers[size] = _SplitWriter(os.path.join(root, str(size)), split)
-    skipped = []
+    skipped, packed_per_class = [], [0] * len(classes)
     try:
         for item, (payloads, reason) in _run_pool(items, run, processes, f"{split} {'/'.join(map(str, todo))} px"):
             if payloads is None:
@@ -445,10 +447,18 @@ def pack_split(split: str, items: list[Item], classes: list[str], settings: Sett
                 continue
             for size in todo:
                 writers[size].write(item, payloads[size])
+            packed_per_class[item.label] += 1
     except BaseException:
         for w in writers.values():
             w.abandon()
         raise
+    present = {item.label for item in items if item.label >= 0}
+    for label in sorted(present):
+        if not packed_per_class[label]:
+            # Only known once decoded: refusing before the work could not see it. An output class nothing trains
+            # (or nothing evaluates) must not pass unremarked.
+            log(f"warning: {split}/{classes[label]}: none of its files could be packed (see "
+                f"{os.path.join(root, split + '.skipped.tsv')}): a class with no {split} images")
     for w in writers.values():
         w.commit()
     write_skipped(os.path.join(root, f"{split}.skipped.tsv"), skipped)

@@ -812,3 +812,15 @@ def test_a_worker_killed_by_the_kernel_ends_the_packer_with_one_error_line(busy_
     assert "Traceback" not in err
     assert not list(root.glob("*/.*partial"))
     assert "train" not in read_meta(str(root / "128")).get("splits", {})
+
+
+def test_class_whose_files_all_fail_to_decode_is_named(tmp_path):
+    src = tmp_path / "src"
+    generate(str(src), train_per_class=2, val_per_class=1, seed=18, classes=("disc", "ring"))
+    (src / "train" / "notes").mkdir()
+    (src / "train" / "notes" / "readme.txt").write_text("not an image\n")
+    cmd = ["tools/im2rec_multi.py", str(src), "--root", str(tmp_path / "rec"), "--sizes", "32"]
+    proc = run_tool(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: train/notes: none of its files could be packed" in proc.stdout
+    assert run_tool(cmd + ["--strict", "--force"]).returncode == 1

@@ -31,7 +31,7 @@ import shutil
 import sys
 
 from gluon_imagenet import checkpoint
-from gluon_imagenet.packed import read_meta
+from gluon_imagenet.packed import read_meta, resize_chain
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
 # not wait for it. write_folder() loads the folder back through predict, so the two cannot drift apart.
@@ -149,11 +149,13 @@ def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict],
 
 
 def packer_settings(data_root: str, data_dir: str) -> dict:
-    """How the packer made data_dir's images: the sizes it resized through, largest first, and JPEG quality.
+    """How the packer made data_dir's validation images: the sizes it resized through, largest first, and JPEG
+    quality.
 
     The packer resizes each image to its largest size first and every smaller one from the previous result
-    (pack.encode_item). pack.json does not record which sizes were packed together, so they are taken to be
-    the data root's packed dirs with the same quality, mode and validation list as this one, at least as large."""
+    (pack._convert), and records those sizes per split in pack.json (`chain`, read by packed.resize_chain).
+    pack.json files from before it did have no chain: then the sizes are guessed (with a warning) as the data
+    root's packed dirs with the same quality, mode and validation list as this one, at least as large."""
     meta = read_meta(os.path.join(data_root, data_dir))
     if not meta:
         # Packed by MXNet's im2rec, or the data root is gone: the folder name is the short side by convention.
@@ -165,7 +167,19 @@ def packer_settings(data_root: str, data_dir: str) -> dict:
               "folder's name) and no JPEG re-encoding; pass --data-root if the packed data moved", file=sys.stderr)
         return {"packed_short_side": side, "packer_sizes": [side], "jpeg_quality": None, "pass_through": False}
     side, quality, through = meta["short_side"], meta.get("quality"), bool(meta.get("pass_through"))
-    val = meta.get("splits", {}).get("val", {})
+    # The validation split's chain is the one predict must replay; the training split's when only it was packed.
+    chain = resize_chain(data_root, data_dir, "val") or resize_chain(data_root, data_dir, "train")
+    if chain is None:
+        chain = _guessed_chain(data_root, side, quality, through, meta.get("splits", {}).get("val", {}))
+        if len(chain) > 1:
+            print(f"warning: {os.path.join(data_root, data_dir, 'pack.json')} does not record the sizes its images "
+                  f"were resized through (packed by an older im2rec_multi): assuming {chain}, the larger packs of "
+                  "this data root; re-pack with --force for an exact record", file=sys.stderr)
+    return {"packed_short_side": side, "packer_sizes": chain, "jpeg_quality": None if through else quality,
+            "pass_through": through}
+
+
+def _guessed_chain(data_root: str, side: int, quality, through: bool, val: dict) -> list[int]:
     chain = {side}
     for name in os.listdir(data_root) if not through else []:
         other = read_meta(os.path.join(data_root, name))
@@ -174,8 +188,7 @@ def packer_settings(data_root: str, data_dir: str) -> dict:
                 and not other.get("pass_through") and (other_val.get("found"), other_val.get("seed"))
                 == (val.get("found"), val.get("seed"))):
             chain.add(other["short_side"])
-    return {"packed_short_side": side, "packer_sizes": sorted(chain, reverse=True),
-            "jpeg_quality": None if through else quality, "pass_through": through}
+    return sorted(chain, reverse=True)
 
 
 # ------------------------------------------------------------------------------------------------ writing

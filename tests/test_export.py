@@ -100,6 +100,48 @@ def test_packer_chain_is_found(packed_root):
     assert packer_settings(packed_root, "72")["packer_sizes"] == [72]
 
 
+def test_packer_chain_of_an_older_pack_json_is_guessed_with_a_warning(packed_root, tmp_path, capsys):
+    """pack.json written before the chain was recorded: the larger packs of the root, said so."""
+    from gluon_imagenet.export import packer_settings
+
+    for size in ("40", "72"):
+        with open(os.path.join(packed_root, size, "pack.json")) as f:
+            meta = json.load(f)
+        for entry in meta["splits"].values():
+            del entry["chain"]
+        os.makedirs(tmp_path / size)
+        (tmp_path / size / "pack.json").write_text(json.dumps(meta))
+    assert packer_settings(str(tmp_path), "40")["packer_sizes"] == [72, 40]
+    assert "does not record the sizes" in capsys.readouterr().err
+
+
+def test_recorded_chain_reproduces_the_packed_pixels_after_packing_other_sizes_later(tmp_path):
+    """40 80 packed together, then 40 120 (--force): the 40 px images now come from 120 px ones, not 80. The
+    chain export records (pack.json's, not a guess from the root's folders) must give the sweep's exact input."""
+    from gluon_imagenet import packed
+    from gluon_imagenet.data import val_iterator
+    from gluon_imagenet.demo_data import generate
+    from gluon_imagenet.export import packer_settings
+    from gluon_imagenet.predict import prepare, read_image
+
+    src, root = str(tmp_path / "src"), str(tmp_path / "rec")
+    generate(src, train_per_class=1, val_per_class=5, seed=21, classes=("disc", "ring"))
+    for sizes in (["40", "80"], ["40", "120", "--force"]):
+        proc = run_tool(["tools/im2rec_multi.py", src, "--root", root, "--sizes", *sizes, "--workers", "1"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert packed.resize_chain(root, "40", "val") == [120, 40]
+    assert packed.resize_chain(root, "80", "val") == [80]
+    prep = dict(packer_settings(root, "40"), crop=32, resize=int(round(32 / 0.875)))
+    assert prep["packer_sizes"] == [120, 40]
+    with open(os.path.join(root, "40", "val.lst")) as f:
+        paths = [line.rstrip("\n").split("\t")[2] for line in f]
+    expected = next(iter(val_iterator(root, "40", 32, len(paths), 1))).data[0].asnumpy().astype(np.uint8)
+    for i, path in enumerate(paths):
+        image, why = read_image(os.path.join(src, path))
+        assert not why
+        assert np.array_equal(prepare(image, prep), expected[i]), path
+
+
 @pytest.mark.parametrize("data_dir, crop, crop_fraction", [
     ("72", 64, 0.875),  # the run's evaluation
     ("40", 32, 0.875),  # a smaller pack, resized by the packer from the 72 px image

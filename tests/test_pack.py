@@ -1,5 +1,6 @@
 """tools/im2rec_multi.py on real files with real MXNet: counts, skips, labels, sizes, resume after SIGKILL; damaged
 outputs found and packed again; one packer per data root; exact labels files; hostile files skipped, never fatal."""
+import hashlib
 import json
 import os
 import shutil
@@ -606,3 +607,220 @@ def test_opencv_failures_skip_the_image_when_checks_ahead_are_lifted(tmp_path, m
     payloads, why = pack.encode_item(pack.Item(name, 0))
     assert payloads is None and why.startswith(reason), why
     assert "\n" not in why
+
+
+# ---------------------------------------------------------------------------------------------- data identity
+def pack_json_split(root, size, split):
+    return read_meta(os.path.join(root, str(size)))["splits"][split]
+
+
+def val_payloads(root, size):
+    records = mx.recordio.MXIndexedRecordIO(os.path.join(root, str(size), "val.idx"),
+                                            os.path.join(root, str(size), "val.rec"), "r")
+    try:
+        return [mx.recordio.unpack(records.read_idx(key))[1] for key in records.keys]
+    finally:
+        records.close()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_source_replaced_under_the_same_name_is_packed_again(tmp_path, force):
+    from gluon_imagenet import packed
+
+    src, root = tmp_path / "src", str(tmp_path / "rec")
+    generate(str(src), train_per_class=3, val_per_class=2, seed=11, classes=("disc", "ring"), size=(48, 60))
+    cmd = ["tools/im2rec_multi.py", str(src), "--root", root, "--sizes", "40"]
+    assert run_tool(cmd).returncode == 0
+    entry = pack_json_split(root, 40, "val")
+    with open(os.path.join(root, "40", "val.rec"), "rb") as f:
+        assert entry["digest"] == hashlib.sha256(f.read()).hexdigest()  # the bytes as written
+    identity, payloads = packed.data_identity(root, "40", "val"), val_payloads(root, 40)
+    # Other images under the very same names (another seed draws other shapes).
+    generate(str(tmp_path / "other"), train_per_class=0, val_per_class=2, seed=12, classes=("disc", "ring"),
+             size=(48, 60))
+    for cls in ("disc", "ring"):
+        for name in os.listdir(src / "val" / cls):
+            shutil.copyfile(tmp_path / "other" / "val" / cls / name, src / "val" / cls / name)
+    proc = run_tool(cmd + (["--force"] if force else []))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "val at 40: already packed" not in proc.stdout
+    if not force:
+        assert "train at 40: already packed" in proc.stdout  # only what changed is packed again
+    assert pack_json_split(root, 40, "val")["digest"] != entry["digest"]
+    assert val_payloads(root, 40) != payloads
+    assert packed.data_identity(root, "40", "val") != identity
+
+
+def test_digest_is_of_the_bytes_mxnet_writes(tmp_path):
+    """The packer writes the .rec itself (to hash it as it goes): byte for byte what MXNet's writer writes,
+    including records it splits where the payload holds the magic number at a 4-byte boundary."""
+    from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
+
+    magic = struct.pack("<I", 0xCED7230A)
+    rng = np.random.default_rng(13)
+    payloads = [b"abcd" + magic + b"efghij", magic * 3 + b"x", b"", magic, b"a" + magic + b"bcd" + magic]
+    for _ in range(100):
+        chunks = [rng.bytes(int(rng.integers(0, 12))) for _ in range(int(rng.integers(1, 4)))]
+        payloads.append(magic.join(chunks))
+    theirs = mx.recordio.MXIndexedRecordIO(str(tmp_path / "a.idx"), str(tmp_path / "a.rec"), "w")
+    ours = IndexedRecordWriter(str(tmp_path / "b.idx"), str(tmp_path / "b.rec"))
+    for key, payload in enumerate(payloads):
+        theirs.write_idx(key, mx.recordio.pack(mx.recordio.IRHeader(0, float(key % 5), key, 0), payload))
+        ours.write_idx(key, image_record(float(key % 5), key, payload))
+    theirs.close()
+    ours.close()
+    assert (tmp_path / "b.rec").read_bytes() == (tmp_path / "a.rec").read_bytes()
+    assert (tmp_path / "b.idx").read_text() == (tmp_path / "a.idx").read_text()
+    assert ours.digest() == hashlib.sha256((tmp_path / "a.rec").read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- refusals and skips
+def test_pass_through_skips_images_of_another_short_side(tmp_path):
+    src = tmp_path / "src"
+    generate(str(src), train_per_class=2, val_per_class=1, seed=14, classes=("disc", "ring"), size=(40, 50))
+    cv2.imwrite(str(src / "train" / "disc" / "large.jpg"), make_image("disc", np.random.default_rng(1), (60, 80)))
+    cv2.imwrite(str(src / "train" / "ring" / "small.jpg"), make_image("ring", np.random.default_rng(2), (30, 20)))
+    cmd = ["tools/im2rec_multi.py", str(src), "--root", str(tmp_path / "rec"), "--sizes", "40", "--pass-through"]
+    proc = run_tool(cmd)
+    assert proc.returncode == 0, proc.stderr
+    skipped = dict(read_skipped(str(tmp_path / "rec" / "train.skipped.tsv")))
+    assert set(skipped) == {"train/disc/large.jpg", "train/ring/small.jpg"}
+    assert "short side 60, not the 40" in skipped["train/disc/large.jpg"]
+    assert "short side 20, not the 40" in skipped["train/ring/small.jpg"]
+    assert pack_json_split(str(tmp_path / "rec"), 40, "train")["packed"] == 4
+    strict = run_tool(cmd + ["--strict", "--force"])
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+
+
+def test_files_outside_class_folders_are_listed_as_skipped(tmp_path):
+    src = tmp_path / "src"
+    generate(str(src), train_per_class=2, val_per_class=1, seed=15, classes=("disc", "ring"))
+    shutil.copyfile(src / "train" / "disc" / "disc_00000.jpg", src / "train" / "stray.jpg")
+    shutil.copyfile(src / "val" / "ring" / "ring_00000.jpg", src / "val" / "stray.jpg")
+    cmd = ["tools/im2rec_multi.py", str(src), "--root", str(tmp_path / "rec"), "--sizes", "32"]
+    proc = run_tool(cmd)
+    assert proc.returncode == 0, proc.stderr
+    for split in ("train", "val"):
+        assert read_skipped(str(tmp_path / "rec" / f"{split}.skipped.tsv")) == [(f"{split}/stray.jpg",
+                                                                                 "not in a class folder")]
+    assert pack_json_split(str(tmp_path / "rec"), 32, "train")["packed"] == 4
+    strict = run_tool(cmd + ["--strict"])
+    assert strict.returncode == 1 and "--strict" in strict.stderr
+
+
+@pytest.mark.parametrize("split, content", [("train", []), ("val", []), ("train", [".hidden.jpg"]),
+                                            ("train", ["empty.jpg"])])
+def test_empty_class_folder_is_refused_before_any_work(tmp_path, split, content):
+    src = tmp_path / "src"
+    generate(str(src), train_per_class=2, val_per_class=1, seed=16, classes=("disc", "ring"))
+    folder = src / split / ("ring" if split == "val" else "zebra")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for name in content:
+        (folder / name).write_bytes(b"")
+    proc = run_tool(["tools/im2rec_multi.py", str(src), "--root", str(tmp_path / "rec"), "--sizes", "32"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"class folder {str(folder)!r}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "rec" / "32").exists()
+
+
+# ---------------------------------------------------------------------------------------------- clean stops
+@pytest.fixture(scope="module")
+def busy_tree(tmp_path_factory):
+    """Enough large images that two workers take about 3 s: a stop lands mid-pack (generating is the slow part,
+    so 2 images per class are copied under 12 more names)."""
+    out = tmp_path_factory.mktemp("busy")
+    generate(str(out), train_per_class=2, val_per_class=1, seed=17, classes=("disc", "ring", "star"),
+             size=(1200, 1600))
+    for folder in (out / "train").iterdir():
+        for image in list(folder.iterdir()):
+            for copy in range(12):
+                shutil.copyfile(image, folder / f"copy{copy}_{image.name}")
+    return str(out)
+
+
+def start_busy_pack(busy_tree, root):
+    """The packer with 2 workers in a session of its own (as a terminal's foreground job), once it is writing."""
+    proc = subprocess.Popen([sys.executable, "tools/im2rec_multi.py", busy_tree, "--root", str(root), "--sizes", "64",
+                             "128", "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    partial = root / "128" / ".train.rec.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not (partial.exists() and partial.stat().st_size):
+        time.sleep(0.02)
+    assert partial.exists() and proc.poll() is None, "the packer was not caught midway"
+    return proc
+
+
+def worker_pids(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def finish(proc, timeout=15):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the packer did not end within {timeout} s")
+    return out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, line", [(signal.SIGINT, 130, "im2rec_multi: stopped (Ctrl-C)"),
+                                                (signal.SIGTERM, 143, "im2rec_multi: stopped by SIGTERM")])
+def test_stop_mid_pack_ends_cleanly_and_rerun_packs_the_rest(busy_tree, tmp_path, signum, code, line):
+    from gluon_imagenet import locks
+
+    root = tmp_path / "rec"
+    proc = start_busy_pack(busy_tree, root)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    started = time.time()
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole foreground process group
+    else:
+        proc.send_signal(signum)  # kill PID, a service manager
+    out, err = finish(proc)
+    assert time.time() - started < 10
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == line and "Traceback" not in err, err
+    assert not list(root.glob("*/.*partial"))
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in workers), "a worker outlived the packer"
+    with locks.hold(str(root / ".pack.lock"), "test"):  # released: this would raise Busy
+        pass
+    if signum == signal.SIGINT:
+        rerun = run_tool(["tools/im2rec_multi.py", busy_tree, "--root", str(root), "--sizes", "64", "128",
+                          "--workers", "2"])
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert len(read_index(str(root / "128" / "train.idx"))) == 3 * 2 * 13
+        assert run_tool(["tools/im2rec_multi.py", "--verify", "--root", str(root)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_the_kernel_ends_the_packer_with_one_error_line(busy_tree, tmp_path):
+    root = tmp_path / "rec"
+    proc = start_busy_pack(busy_tree, root)
+    victim = worker_pids(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    out, err = finish(proc)
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"pid {victim} killed by SIGKILL" in errors[0], err
+    assert "Traceback" not in err
+    assert not list(root.glob("*/.*partial"))
+    assert "train" not in read_meta(str(root / "128")).get("splits", {})
+
+
+def test_class_whose_files_all_fail_to_decode_is_named(tmp_path):
+    src = tmp_path / "src"
+    generate(str(src), train_per_class=2, val_per_class=1, seed=18, classes=("disc", "ring"))
+    (src / "train" / "notes").mkdir()
+    (src / "train" / "notes" / "readme.txt").write_text("not an image\n")
+    cmd = ["tools/im2rec_multi.py", str(src), "--root", str(tmp_path / "rec"), "--sizes", "32"]
+    proc = run_tool(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: train/notes: none of its files could be packed" in proc.stdout
+    assert run_tool(cmd + ["--strict", "--force"]).returncode == 1

@@ -9,8 +9,10 @@
 #   GLUON_IMAGENET_DEVICE=gpu bash tools/setup.sh      # GPU: mxnet-cu117, Horovod with NCCL (needs CUDA 11.7, NCCL)
 #   GLUON_IMAGENET_DEVICE=system bash tools/setup.sh   # an interpreter that already has MXNet (NVIDIA's container)
 #
-# system: keeps that interpreter's own mxnet, numpy and horovod (and every other package it has) and installs only
-# what is missing, pinned. .venv is a venv made with --system-site-packages from that interpreter, so:
+# system: keeps every run-time module that imports in that interpreter (mxnet, numpy, cv2, horovod.mxnet, gluoncv,
+# ...: decided by importing them, not by distribution name; see tools/setup_system.py) and installs only what is
+# missing, pinned; an addition that would replace a kept module is refused (exit 2). .venv is a venv made with
+# --system-site-packages from that interpreter, so:
 #   - the interpreter's site-packages are only read, never written: `rm -rf .venv` undoes the set-up entirely,
 #     and the container's MXNet build (the one with Hopper code) is what runs;
 #   - pip installs into .venv under a generated constraints file that pins every package the interpreter has at
@@ -20,7 +22,8 @@
 #
 # Environment: PYTHON (cpu/gpu: default python3.11 or python3; system: default the first of python3, python that
 # imports mxnet), GLUON_IMAGENET_VENV (default .venv), GLUON_IMAGENET_WHEEL_CACHE (default
-# ~/.cache/gluon_imagenet/wheels).
+# $XDG_CACHE_HOME/gluon_imagenet/wheels, else ~/.cache/gluon_imagenet/wheels: it must be writable, which is
+# checked before anything is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -75,7 +78,38 @@ else
   system_versions=""
 fi
 
-stamp="$device $(cat setup.cfg pyproject.toml requirements/constraints.txt tools/setup.sh | sha256sum | cut -c1-16)"
+# The wheel cache is decided before anything else (before the up-to-date check too, so that the answer does not
+# depend on the state of .venv): a build of Horovod must be able to land in it, and finding out after the whole
+# install (an unset HOME, `HOME: unbound variable`) wastes it. GLUON_IMAGENET_WHEEL_CACHE, when set, is used as
+# given; else the first writable of $XDG_CACHE_HOME/gluon_imagenet/wheels and $HOME/.cache/gluon_imagenet/wheels.
+# An interpreter with its own Horovod (system mode) builds nothing and needs none.
+writable_dir() { mkdir -p "$1" 2>/dev/null && : > "$1/.probe.$$" 2>/dev/null && rm -f "$1/.probe.$$"; }
+wheel_cache=""
+if [ "$device" = system ] && "$python" -c 'import horovod.mxnet' 2>/dev/null; then
+  :
+elif [ -n "${GLUON_IMAGENET_WHEEL_CACHE:-}" ]; then
+  if ! writable_dir "$GLUON_IMAGENET_WHEEL_CACHE"; then
+    echo "error: GLUON_IMAGENET_WHEEL_CACHE=$GLUON_IMAGENET_WHEEL_CACHE is not a writable folder (Horovod's wheel is" \
+         "built into it): set GLUON_IMAGENET_WHEEL_CACHE to a folder you can write" >&2
+    exit 2
+  fi
+  wheel_cache=$GLUON_IMAGENET_WHEEL_CACHE
+else
+  for candidate in ${XDG_CACHE_HOME:+"$XDG_CACHE_HOME/gluon_imagenet/wheels"} \
+                   ${HOME:+"$HOME/.cache/gluon_imagenet/wheels"}; do
+    if writable_dir "$candidate"; then wheel_cache=$candidate; break; fi
+  done
+  if [ -z "$wheel_cache" ]; then
+    if [ -n "${HOME:-}" ]; then tried="HOME=$HOME is not writable"; else tried="HOME is unset"; fi
+    [ -z "${XDG_CACHE_HOME:-}" ] || tried="$tried and XDG_CACHE_HOME=$XDG_CACHE_HOME is not writable either"
+    echo "error: no writable folder for the wheel cache (Horovod is built into it once): $tried; set" \
+         "GLUON_IMAGENET_WHEEL_CACHE=/a/writable/folder" >&2
+    exit 2
+  fi
+fi
+
+stamp="$device $(cat setup.cfg pyproject.toml requirements/constraints.txt tools/setup.sh tools/setup_system.py \
+                  | sha256sum | cut -c1-16)"
 [ -z "$system_versions" ] || stamp="$stamp $system_versions"
 if [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$stamp" ] \
    && "$venv/bin/python" -c 'import horovod.mxnet, mxnet' 2>/dev/null; then
@@ -99,53 +133,34 @@ if [ "$device" = system ]; then
   fi
   gen="$venv/.setup"
   mkdir -p "$gen"
-  # What the interpreter has (outside $venv) is pinned as it is; what it lacks is installed at the toolkit's pins.
-  "$venv/bin/python" - "$venv" "$gen" <<'EOF'
-import configparser, os, re, sys
-from importlib import metadata
-
-venv, gen = (os.path.realpath(p) for p in sys.argv[1:3])
-def key(name): return re.sub(r"[-_.]+", "-", name).lower()
-installed = {}  # normalised name -> (name, version), the interpreter's own packages only
-for dist in metadata.distributions():
-    name, where = dist.metadata["Name"], os.path.realpath(str(dist.locate_file("")))
-    if name and not where.startswith(venv + os.sep) and key(name) not in installed:
-        installed[key(name)] = (name, dist.version)
-owners = metadata.packages_distributions()
-# numpy without pip metadata could be shadowed by a second numpy that scipy or pandas pull in: refuse. Nothing
-# installed here depends on mxnet, so pip never touches an mxnet it does not know.
-if not any(key(d) in installed for d in owners.get("numpy", [])):
-    sys.exit("error: numpy imports but pip does not know its distribution, so it cannot be pinned: install "
-             "numpy with pip in that interpreter, or use GLUON_IMAGENET_DEVICE=cpu or gpu")
-cfg = configparser.ConfigParser()
-cfg.read("setup.cfg")
-wanted = [r.strip() for r in cfg["options"]["install_requires"].splitlines() + \
-          cfg["options.extras_require"]["test"].splitlines() + ["wheel"] if r.strip() and not r.strip().startswith("#")]
-def req_name(line): return key(re.split(r"[=<>!~ ;\[]", line, 1)[0])
-with open("requirements/constraints.txt") as f:
-    ours = [l.strip() for l in f if l.strip() and not l.startswith("#") and req_name(l) not in installed]
-# A pin that depends on the Python version (a marker in constraints.txt) is chosen there, not in setup.cfg.
-by_marker = {req_name(l) for l in ours if ";" in l}
-missing = [req_name(r) if req_name(r) in by_marker else r for r in wanted if req_name(r) not in installed]
-# Versions that are not PEP 440 (rare local builds) cannot be pinned with ==: === pins them literally.
-pins = [f"{n}=={v}" if re.fullmatch(r"[0-9][0-9A-Za-z.+!_-]*", v) else f"{n}==={v}"
-        for n, v in sorted(installed.values(), key=lambda nv: key(nv[0]))]
-with open(os.path.join(gen, "constraints.txt"), "w") as f:
-    f.write("# generated by tools/setup.sh (system): the interpreter's packages as installed, then our pins\n")
-    f.write("\n".join(pins + ours) + "\n")
-with open(os.path.join(gen, "requirements.txt"), "w") as f:
-    f.write("".join(r + "\n" for r in missing))
-kept = sorted(n + " " + v for k, (n, v) in installed.items() if k in {req_name(r) for r in wanted} | {"mxnet", "numpy"}
-              or k.startswith("mxnet") or k == "horovod")
-print("setup: keeping the interpreter's " + ", ".join(kept))
-print("setup: installing " + (", ".join(missing) if missing else "nothing else: every dependency is there"))
-EOF
+  # What imports in the interpreter is kept, whatever distribution it came from; what is missing is added, its
+  # interpreter's own distributions pinned as installed (tools/setup_system.py says which and why).
+  rm -f "$gen"/requirements*.txt "$gen/report.json"
+  "$venv/bin/python" tools/setup_system.py "$venv" "$gen"
   if [ -s "$gen/requirements.txt" ]; then
+    # pip's dry run first: an addition that would replace a module that imports now (a numpy, or an OpenCV that
+    # came as another distribution) is refused before anything is installed.
+    pip_help=$("${pip[@]}" install --help)  # not piped into grep -q: pipefail would see pip's SIGPIPE
+    if [[ $pip_help == *--report* ]]; then
+      if ! "${pip[@]}" install -q --dry-run --report "$gen/report.json" -c "$gen/constraints.txt" \
+           -r "$gen/requirements.txt"; then
+        echo "error: the packages to add do not fit with $python's own (pinned as installed in $gen/constraints.txt;" \
+             "nothing was installed): see pip's message above; install them yourself in that interpreter at versions" \
+             "that fit, or use GLUON_IMAGENET_DEVICE=cpu or gpu" >&2
+        exit 2
+      fi
+      "$venv/bin/python" tools/setup_system.py "$venv" "$gen" --check "$gen/report.json" || exit 2
+    else
+      echo "setup: this pip has no --dry-run --report: additions are not checked against the kept modules" >&2
+    fi
     if ! "${pip[@]}" install -q -c "$gen/constraints.txt" -r "$gen/requirements.txt"; then
       echo "error: the missing packages above do not fit with $python's own (pinned as installed in" \
            "$gen/constraints.txt; nothing was changed there): see pip's message above" >&2
       exit 1
     fi
+  fi
+  if [ -s "$gen/requirements-no-deps.txt" ]; then
+    "${pip[@]}" install -q --no-deps -c "$gen/constraints.txt" -r "$gen/requirements-no-deps.txt"
   fi
   # The toolkit itself, alone: its numpy pin is for pip's MXNet, not for the interpreter's.
   "${pip[@]}" install -q --no-deps -e .
@@ -163,8 +178,7 @@ fi
 
 if [ "$device" != system ]; then
   py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-  cache=${GLUON_IMAGENET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gluon_imagenet/wheels}
-  cache="$cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
+  cache="$wheel_cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"
   if ! ls "$cache"/horovod-*.whl >/dev/null 2>&1; then
     echo "setup: building Horovod $horovod_version against mxnet $mxnet_version ($device) into $cache (a few minutes, once)"
     mkdir -p "$cache.tmp"

@@ -154,8 +154,11 @@ def test_export_errors_exit_2_and_write_nothing(single_run, tmp_path, case, mess
         args += ["--best"]
     elif case == "best result of other parameters":
         # A sweep result whose parameters' checksum is not the checkpoint's: the checkpoint was rewritten since.
-        row = {"checkpoint": names[0], "step": 1, "epoch": 1.0, "image_size": 64, "data_dir": "72", "top1": 0.5,
-               "top5": 0.9, "images": 70, "params_sha256": "0" * 64}
+        with open(os.path.join(run_dir, "run.json")) as f:
+            data_root = json.load(f)["data_root"]
+        row = {"checkpoint": names[0], "step": 1, "epoch": 1.0, "train_seconds": 1.0, "wall_seconds": 1.0,
+               "image_size": 64, "data_dir": "72", "top1": 0.5, "top5": 0.9, "images": 70, "params_sha256": "0" * 64,
+               "data_root": data_root}  # a whole row, as the sweep writes it
         with open(os.path.join(run_dir, "sweep.json"), "w") as f:
             json.dump({"results": {names[0]: row}}, f)
         args += ["--best"]

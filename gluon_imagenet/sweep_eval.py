@@ -31,6 +31,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -467,29 +468,28 @@ def collect(jobs: list[Job], processes: list, results, store: "ResultStore"):
     from tqdm import tqdm
 
     pending, errors, pruned = {j.key for j in jobs}, {}, {}
-    bar = tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr)
-    images = 0
-    start = time.time()
-    while pending:
-        try:
-            kind, key, payload = results.get(timeout=5)
-        except queue.Empty:
-            for proc, keys in processes:
-                lost = keys & pending
-                if not proc.is_alive() and lost:  # a crashed worker: its other checkpoints are reported
-                    for k in sorted(lost):
-                        errors[k] = f"worker on {proc.name} exited with code {proc.exitcode}"
-                    pending -= lost
-            continue
-        pending.discard(key)
-        if kind == "done":
-            store.add(key, payload)
-            images += payload["images"]
-            bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
-        else:
-            (pruned if kind == "pruned" else errors)[key] = payload
-        bar.update()
-    bar.close()
+    with tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr) as bar:  # closed before a stop's line
+        images = 0
+        start = time.time()
+        while pending:
+            try:
+                kind, key, payload = results.get(timeout=5)
+            except queue.Empty:
+                for proc, keys in processes:
+                    lost = keys & pending
+                    if not proc.is_alive() and lost:  # a crashed worker: its other checkpoints are reported
+                        for k in sorted(lost):
+                            errors[k] = f"worker on {proc.name} exited with code {proc.exitcode}"
+                        pending -= lost
+                continue
+            pending.discard(key)
+            if kind == "done":
+                store.add(key, payload)
+                images += payload["images"]
+                bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
+            else:
+                (pruned if kind == "pruned" else errors)[key] = payload
+            bar.update()
     for proc, _ in processes:
         proc.join(timeout=30)
     return errors, pruned
@@ -625,8 +625,14 @@ def trainer_holding(run_dir: str) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ctrl-C and SIGTERM: one line, exit 130/143; the workers are killed and sweep.lock released on the way out.
-    with stops.clean_stop("sweep_eval"):
-        return sweep_main(args)
+    saved = {s: signal.getsignal(s) for s in stops.SIGNALS}
+    try:
+        with stops.clean_stop("sweep_eval"):
+            return sweep_main(args)
+    finally:  # a caller in the same process (a test, a notebook) gets its own handlers back
+        for s, handler in saved.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(s, handler)
 
 
 def sweep_main(args) -> int:

@@ -68,7 +68,8 @@ def check_meta(meta: dict, path: str) -> None:
     """What predict reads from model.json, checked before any work: each problem is one line, not a traceback."""
     classes = meta.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        what = "no 'classes'" if classes is None else f"'classes' that are a {type(classes).__name__}, not a list of names"
+        what = ("no 'classes'" if classes is None
+                else f"'classes' that are a {type(classes).__name__}, not a list of names")
         raise ModelError(f"{path!r} has {what}; export the model again")
     if not classes:
         raise ModelError(f"{path!r} lists no classes ('classes': []); export the model again")

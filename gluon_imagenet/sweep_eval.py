@@ -14,11 +14,15 @@ Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then
 training minutes, phases and target marked). A result is reused only for the same checkpoint file (its SHA-256)
 evaluated with the same settings (size, data root and packed data, crop fraction, batch size); a retrained
 checkpoint or another setting is evaluated again. Several sweeps may run on one run folder at once: each write
-merges into sweep.json under RUN_DIR/sweep.lock.
+merges into sweep.json under RUN_DIR/sweep.lock. Results of checkpoints no longer in RUN_DIR are dropped (said so).
+A data root whose classes.txt differs from run.json's classes is refused; every result names its data root and
+that data's identity. With 5 classes or fewer top-5 is 100% for any network: it is shown as n/a, the default
+target is top-1, and --target-top5 is refused. Ctrl-C / SIGTERM: one line, exit 130 / 143, workers ended.
 
 --watch evaluates new checkpoints as training writes them, verifying each checkpoint's files once, and ends when
 the final checkpoint (the plan's last step) has been handled, or when no trainer holds RUN_DIR/train.lock and
-nothing is left to evaluate. Reads only the run folder (run.json and the checkpoints) and the packed data; it
+nothing is left to evaluate. A mid-epoch checkpoint deleted by the trainer's retention (--keep-mid-epoch) while
+the sweep looks at it is reported as pruned, and the watch goes on. Reads only the run folder (run.json and the checkpoints) and the packed data; it
 shares nothing with the training loop.
 """
 from __future__ import annotations

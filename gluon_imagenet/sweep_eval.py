@@ -22,8 +22,8 @@ target is top-1, and --target-top5 is refused. Ctrl-C / SIGTERM: one line, exit 
 --watch evaluates new checkpoints as training writes them, verifying each checkpoint's files once, and ends when
 the final checkpoint (the plan's last step) has been handled, or when no trainer holds RUN_DIR/train.lock and
 nothing is left to evaluate. A mid-epoch checkpoint deleted by the trainer's retention (--keep-mid-epoch) while
-the sweep looks at it is reported as pruned, and the watch goes on. Reads only the run folder (run.json and the checkpoints) and the packed data; it
-shares nothing with the training loop.
+the sweep looks at it is reported as pruned, and the watch goes on. Reads only the run folder (run.json and the
+checkpoints) and the packed data; it shares nothing with the training loop.
 """
 from __future__ import annotations
 

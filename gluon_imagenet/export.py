@@ -3,34 +3,45 @@ size and preprocessing, and where it came from.
 
     python -m gluon_imagenet.export --run-dir runs/demo --best            # the sweep's best checkpoint
     python -m gluon_imagenet.export --run-dir runs/demo --checkpoint ckpt-00000360 --out models/demo
-    python -m gluon_imagenet.export --run-dir runs/demo                   # the newest intact checkpoint
+    python -m gluon_imagenet.export --run-dir runs/demo                   # the newest epoch checkpoint
 
---best ranks the sweep's results (RUN_DIR/sweep.json) by top-1, then top-5, then the later step. The default
+--best ranks the sweep's results (RUN_DIR/sweep.json) with the sweep's own rule (gluon_imagenet.best): the
+highest value of the metric the sweep ranked by (sweep.json's `ranked_by`: its target's metric; --by to choose),
+then the other of top-1/top-5, then the earlier step. Only results on the run's own data root (or --data-root)
+whose checkpoint still exists are ranked. Without --best or --checkpoint, the newest intact EPOCH checkpoint is
+exported: the trainer's retention (--keep-mid-epoch) deletes mid-epoch checkpoints while it trains, so they are
+exported only when named (or --best). A checkpoint deleted while export reads it is reported as pruned. The default
 --out is RUN_DIR/export/<checkpoint>. The folder holds:
 
     model-symbol.json, model-0000.params   MXNet's HybridBlock.export: load with mx.gluon.SymbolBlock.imports
-    model.json      classes, input (uint8 RGB NCHW, normalised inside the graph), size and preprocessing
-    provenance.json run dir, checkpoint, step, epoch, recipe, sweep accuracy, git revision, versions
+    model.json      classes, output count, parameters' SHA-256, input (uint8 RGB NCHW, normalised inside the
+                    graph), size and preprocessing
+    provenance.json run dir, checkpoint, step, epoch, recipe, sweep accuracy (top-5 marked meaningless with 5
+                    classes or fewer), the data root and identity it was measured on, git revision, versions
 
 The input size and centre crop are those of the sweep result that evaluated the checkpoint (the best one when
 it was evaluated at several sizes), else the recipe's evaluation size with a 0.875 crop. The folder is written
 under a temporary name, checked by loading it back with SymbolBlock.imports, and renamed when complete; an
 older export in the same place is replaced. Use it with python -m gluon_imagenet.predict OUT IMAGE...
 
-Exit codes: 0 exported; 2 nothing written (no run.json, unknown or damaged checkpoint, --best without sweep
-results, an --out that is not a model folder), with the reason on stderr.
+Exit codes: 0 exported; 2 nothing written (no run.json, unknown, damaged or pruned checkpoint, --best without
+sweep results on the data root, an --out that is not a model folder or cannot be written: read-only, full), with
+the reason on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 
-from gluon_imagenet import checkpoint
+from gluon_imagenet import best as best_rule
+from gluon_imagenet import checkpoint, packed, retention
 from gluon_imagenet.packed import read_meta, resize_chain
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
@@ -64,18 +75,64 @@ def read_run(run_dir: str) -> dict:
         raise ExportError(str(e)) from None
 
 
-def sweep_rows(run_dir: str) -> list[dict]:
-    """Every result in RUN_DIR/sweep.json (none when there is no sweep yet)."""
+def read_sweep(run_dir: str) -> tuple[list[dict], str | None]:
+    """(every result in RUN_DIR/sweep.json, the metric the sweep ranked by); ([], None) before any sweep."""
+    from gluon_imagenet.sweep_results import ResultStore
+
     path = os.path.join(run_dir, "sweep.json")
     if not os.path.isfile(path):
-        return []
-    results = read_json(path, "re-run python -m gluon_imagenet.sweep_eval to rebuild it").get("results", {})
-    return list(results.values())
+        return [], None
+    data = read_json(path, "re-run python -m gluon_imagenet.sweep_eval to rebuild it")
+    problem = ResultStore.shape_problem(data)  # the sweep's own reader's check
+    if problem:
+        raise ExportError(f"{path!r} is damaged ({problem}): re-run python -m gluon_imagenet.sweep_eval, which moves "
+                          "it aside and evaluates again")
+    ranked_by = data.get("ranked_by")
+    return list(data["results"].values()), ranked_by if ranked_by in best_rule.METRICS else None
 
 
-def rank_key(row: dict):
-    """Best first by top-1, then top-5; the later step wins a tie (it trained longer)."""
-    return row["top1"], row["top5"], row["step"]
+def data_root_of(args, run: dict) -> str:
+    return os.path.abspath(args.data_root or run.get("data_root") or "recordio")
+
+
+def current_identity(data_root: str, data_dir: str) -> str | None:
+    try:
+        return packed.data_identity(data_root, data_dir, "val")
+    except OSError:  # the packed data is not there (moved, or another machine): nothing to compare
+        return None
+
+
+def usable_rows(args, run: dict, rows: list[dict]) -> list[dict]:
+    """The results export may use: measured on the run's data root (or --data-root) as it is now, of checkpoints
+    still in the run dir. What is left out is said, in one line per reason."""
+    root = data_root_of(args, run)
+    elsewhere = sorted({str(r.get("data_root")) for r in rows if r.get("data_root") != root})
+    mine = [r for r in rows if r.get("data_root") == root]
+    changed = [r for r in mine if r.get("data_id") not in (None, current_identity(root, r["data_dir"]))
+               and current_identity(root, r["data_dir"]) is not None]
+    mine = [r for r in mine if r not in changed]
+    gone = sorted({r["checkpoint"] for r in mine
+                   if not os.path.isfile(os.path.join(args.run_dir, r["checkpoint"] + ".json"))})
+    if elsewhere:
+        print(f"note: ignoring {len(rows) - len(mine) - len(changed)} sweep result(s) on other data roots "
+              f"({', '.join(elsewhere)}); pass --data-root to use those", file=sys.stderr)
+    if changed:
+        print(f"warning: ignoring {len(changed)} sweep result(s) on {root}: its packed validation data changed since "
+              "they were measured; re-run the sweep", file=sys.stderr)
+    if gone:
+        print(f"note: ignoring the sweep results of {len(gone)} checkpoint(s) no longer in {args.run_dir} (deleted or "
+              f"pruned by the trainer's retention): {', '.join(gone)}", file=sys.stderr)
+    return [r for r in mine if r["checkpoint"] not in gone]
+
+
+def ranking_metric(args, run: dict, ranked_by: str | None) -> str:
+    metric = args.by or ranked_by or best_rule.default_metric(len(run["classes"]))
+    if metric == "top5" and not best_rule.top5_meaningful(len(run["classes"])):
+        if args.by:
+            raise ExportError(f"--by top5: the run has {len(run['classes'])} classes, so top-5 is 100% for any "
+                              "network and ranks nothing; use --by top1")
+        metric = "top1"
+    return metric
 
 
 def checkpoint_names(run_dir: str) -> list[str]:
@@ -83,15 +140,15 @@ def checkpoint_names(run_dir: str) -> list[str]:
     return sorted(n[: -len(".json")] for n in os.listdir(run_dir) if checkpoint.NAME.match(n))
 
 
-def choose(args, rows: list[dict]) -> tuple[str, str, dict | None]:
-    """(checkpoint name, how it was chosen, the sweep result that chose it with --best)."""
+def choose(args, rows: list[dict], metric: str) -> tuple[str, str, dict | None]:
+    """(checkpoint name, how it was chosen, the sweep result that chose it with --best); rows: usable_rows."""
     if args.best:
         if not rows:
-            raise ExportError(f"--best: {os.path.join(args.run_dir, 'sweep.json')!r} holds no results; evaluate the "
-                              f"checkpoints first (python -m gluon_imagenet.sweep_eval --run-dir {args.run_dir}) or "
-                              "name one with --checkpoint")
-        best = max(rows, key=rank_key)
-        return best["checkpoint"], "--best: the sweep's highest top-1, then top-5, then the later step", best
+            raise ExportError(f"--best: {os.path.join(args.run_dir, 'sweep.json')!r} holds no results on this data "
+                              f"root whose checkpoint still exists; evaluate the checkpoints first (python -m "
+                              f"gluon_imagenet.sweep_eval --run-dir {args.run_dir}) or name one with --checkpoint")
+        chosen = best_rule.best_row(rows, metric)
+        return chosen["checkpoint"], f"--best: {best_rule.describe(metric)} of the sweep's results", chosen
     names = checkpoint_names(args.run_dir)
     if args.checkpoint:
         wanted = args.checkpoint
@@ -102,17 +159,57 @@ def choose(args, rows: list[dict]) -> tuple[str, str, dict | None]:
             listed = ", ".join(names) if names else "none"
             raise ExportError(f"--checkpoint {args.checkpoint!r} is not in {args.run_dir!r}; available: {listed}")
         return wanted, "--checkpoint", None
-    newest, damaged = checkpoint.newest_intact(args.run_dir)
+    newest, damaged, mid_epoch = newest_epoch_checkpoint(args.run_dir)
     for name, why in damaged:
         print(f"skipping {name}: {why}", file=sys.stderr)
-    if newest is None:
-        raise ExportError(f"no intact checkpoint in {args.run_dir!r}")
-    return newest.name, "the newest intact checkpoint (neither --checkpoint nor --best given)", None
+    if newest is not None:
+        newer = [n for n in mid_epoch if n > newest.name]
+        note = f"; newer mid-epoch ones ({', '.join(newer)}) only when named with --checkpoint" if newer else ""
+        return newest.name, f"the newest epoch checkpoint (neither --checkpoint nor --best given{note})", None
+    if mid_epoch:
+        raise ExportError(f"no epoch checkpoint in {args.run_dir!r} yet, only mid-epoch ones ({', '.join(mid_epoch)}), "
+                          "which the trainer's retention may delete while they are read: name one with --checkpoint, "
+                          "or wait for the first epoch to end")
+    raise ExportError(f"no intact checkpoint in {args.run_dir!r}")
+
+
+def newest_epoch_checkpoint(run_dir: str) -> tuple[checkpoint.Checkpoint | None, list[tuple[str, str]], list[str]]:
+    """(the newest intact epoch checkpoint, [(name, problem)] of damaged ones newer than it, the mid-epoch names
+    seen). Epoch checkpoints are never pruned by the trainer's retention, so the one chosen stays while read."""
+    damaged, mid_epoch = [], []
+    for name, record_path in reversed(checkpoint.candidates(run_dir)):
+        if record_path is None:
+            continue  # being saved, or being pruned (retention deletes the record first)
+        try:
+            with open(record_path) as f:
+                record = json.load(f)
+            is_mid = checkpoint.is_mid_epoch(record)
+        except FileNotFoundError:
+            continue  # pruned since it was listed
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            damaged.append((name, f"unreadable record ({e})"))
+            continue
+        if is_mid:
+            mid_epoch.append(name)
+            continue
+        ckpt, why = checkpoint.check(name, record_path)
+        if ckpt:
+            return ckpt, damaged, sorted(mid_epoch)
+        damaged.append((name, why))
+    return None, damaged, sorted(mid_epoch)
+
+
+def pruned_error(name: str) -> ExportError:
+    return ExportError(f"{name} was {retention.PRUNED} while export read it; export an epoch checkpoint (the "
+                       "default, which retention keeps) or a newer mid-epoch one")
 
 
 def verified(run_dir: str, name: str) -> checkpoint.Checkpoint:
-    ckpt, why = checkpoint.problem(os.path.join(run_dir, name + ".json"))
+    record_path = os.path.join(run_dir, name + ".json")
+    ckpt, why = checkpoint.problem(record_path)
     if ckpt is None:
+        if retention.was_pruned(record_path, True):
+            raise pruned_error(name)
         others = [n for n in checkpoint_names(run_dir) if n != name]
         raise ExportError(f"{name} in {run_dir!r} cannot be exported: {why}; choose another with --checkpoint "
                           f"({', '.join(others) or 'no other checkpoint'})")
@@ -120,8 +217,8 @@ def verified(run_dir: str, name: str) -> checkpoint.Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
-def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict],
-               best: dict | None) -> tuple[int, str, float, dict | None]:
+def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict], best: dict | None,
+               metric: str = "top1") -> tuple[int, str, float, dict | None]:
     """(crop size, packed data dir, crop fraction, sweep row or None) for the checkpoint: the --best row, else its
     best sweep result, else the recipe's evaluation size."""
     sha = ckpt.record["files"][".params"]["sha256"]
@@ -137,7 +234,7 @@ def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict],
               "(the checkpoint was rewritten since); re-run the sweep", file=sys.stderr)
         mine = [r for r in mine if r not in stale]
     if mine:
-        row = max(mine, key=rank_key)
+        row = best_rule.best_row(mine, metric)
         return int(row["image_size"]), str(row["data_dir"]), float(row.get("crop_fraction", DEFAULT_CROP_FRACTION)), row
     from gluon_imagenet.sweep_eval import SweepError, run_recipe
 
@@ -217,16 +314,28 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
         raise ExportError(f"{ckpt.name} has {ckpt.record['classes']} classes, run.json lists {len(classes)}")
     ctx = mx.cpu()
     net = build_model(model, len(classes))
-    net.load_parameters(ckpt.params_path, ctx=ctx)
+    try:
+        net.load_parameters(ckpt.params_path, ctx=ctx)
+    except mx.base.MXNetError:
+        if retention.was_pruned(ckpt.json_path, True):  # deleted after it was verified
+            raise pruned_error(ckpt.name) from None
+        raise
     net.hybridize()
     # One forward pass builds the graph that export() writes; uint8 as the trainer feeds it.
     probe = mx.nd.array(np.random.default_rng(0).integers(0, 256, (2, 3, image_size, image_size)), ctx=ctx,
                         dtype="uint8")
     expected = net(probe).asnumpy()
-    net.export(os.path.join(folder, PREFIX), epoch=0)
+    try:
+        net.export(os.path.join(folder, PREFIX), epoch=0)
+    except mx.base.MXNetError as e:  # MXNet's own writer: a full or read-only disk is an MXNetError, not OSError
+        raise ExportError(f"cannot write the model folder's graph and parameters in {os.path.dirname(folder)!r} "
+                          f"({last_line(e)}); free space or choose another --out; nothing was written") from None
     meta = {
         "format": FORMAT, "model": model,
         "symbol_file": f"{PREFIX}-symbol.json", "params_file": f"{PREFIX}-0000.params",
+        # What predict checks the folder against: another run's parameters file of the same network, or classes
+        # that do not match the network's outputs, would otherwise predict nonsense without a word.
+        "outputs": int(expected.shape[1]), "params_sha256": file_sha256(os.path.join(folder, f"{PREFIX}-0000.params")),
         "input": {"name": "data", "shape": ["batch", 3, image_size, image_size], "dtype": "uint8", "layout": "NCHW",
                   "channels": "RGB", "normalisation": "inside the graph: (x - mean) / std per channel, 0-255 scale",
                   "mean": list(MEAN_RGB), "std": list(STD_RGB)},
@@ -242,6 +351,19 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
     if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"the exported graph disagrees with the checkpoint (max difference "
                            f"{np.abs(got - expected).max():.3g})")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def last_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
 
 
 def install(temp: str, out: str) -> bool:
@@ -262,43 +384,67 @@ def install(temp: str, out: str) -> bool:
 
 def export(args) -> str:
     run = read_run(args.run_dir)
-    rows = sweep_rows(args.run_dir)
-    name, how, best = choose(args, rows)
+    all_rows, ranked_by = read_sweep(args.run_dir)
+    metric = ranking_metric(args, run, ranked_by)
+    rows = usable_rows(args, run, all_rows) if all_rows else []
+    name, how, best = choose(args, rows, metric)
     ckpt = verified(args.run_dir, name)
     out = out_dir_for(args, name)
-    image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best)
-    data_root = args.data_root or (row or {}).get("data_root") or run.get("data_root") or "recordio"
+    image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best, metric)
+    data_root = data_root_of(args, run)
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
                       crop_fraction=crop_fraction, resize=int(round(image_size / crop_fraction)),
                       interpolation="bilinear")
+    top5_meaningful = best_rule.top5_meaningful(len(run["classes"]))
     accuracy = None if row is None else {k: row.get(k) for k in ("top1", "top5", "images", "image_size", "data_dir")}
     if accuracy:
-        accuracy["crop_fraction"] = crop_fraction
+        accuracy.update(crop_fraction=crop_fraction, top5_meaningful=top5_meaningful, data_root=row.get("data_root"),
+                        data_identity=row.get("data_id"))
+        if not top5_meaningful:
+            accuracy["top5_note"] = (f"meaningless: with {len(run['classes'])} classes top-5 is 100% for any network")
     provenance = {
         "run_dir": os.path.abspath(args.run_dir), "checkpoint": name, "chosen_by": how, "step": ckpt.step,
         "epoch": ckpt.record.get("epoch"), "final": ckpt.record.get("final"),
         "params_sha256": ckpt.record["files"][".params"]["sha256"],
         "recipe": {"name": run["recipe"].get("name"), "digest": run.get("recipe_digest"),
                    "file": run.get("recipe_file")},
-        "sweep_accuracy": accuracy, "git_revision": run.get("git_revision"), "versions": run.get("versions"),
+        "sweep_accuracy": accuracy, "data_root": data_root, "data_identity": current_identity(data_root, data_dir),
+        "git_revision": run.get("git_revision"), "versions": run.get("versions"),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    temp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
-    os.makedirs(temp)
-    try:
-        write_folder(temp, run, ckpt, image_size, preprocess, provenance)
-        replaced = install(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    top = f", sweep top-1 {row['top1']:.2%} top-5 {row['top5']:.2%}" if row else ", not evaluated by a sweep"
+    replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance))
+    top5 = f"{row['top5']:.2%}" if row and top5_meaningful else "n/a"
+    top = f", sweep top-1 {row['top1']:.2%} top-5 {top5}" if row else ", not evaluated by a sweep"
     print(f"{name} (step {ckpt.step}, epoch {ckpt.record.get('epoch', 0):.2f}{top}) chosen by {how}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
           f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run['classes'])} classes")
     print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE...")
     return out
+
+
+def write_and_install(out: str, write) -> bool:
+    """write(temp folder), then install it as out. A folder that cannot be written (read-only, full) is one
+    ExportError with nothing left behind. True if an older export was replaced."""
+    parent = os.path.dirname(os.path.abspath(out))
+    temp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
+    missing = []  # the parent folders this export creates, deepest first: removed again if it fails
+    folder = parent
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(temp)
+        write(temp)
+        return install(temp, out)
+    except BaseException as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write the model folder {out!r}: {e.strerror or e}; free space or choose "
+                              "another --out; nothing was written") from None
+        raise
 
 
 def parse_args(argv):
@@ -307,10 +453,14 @@ def parse_args(argv):
     p.add_argument("--run-dir", required=True, help="run folder written by gluon_imagenet.train")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="checkpoint name (ckpt-00000360) or step (360)")
-    which.add_argument("--best", action="store_true", help="the sweep's best checkpoint (top-1, then top-5)")
+    which.add_argument("--best", action="store_true", help="the sweep's best checkpoint: the highest METRIC, then "
+                       "the other of top-1/top-5, then the earlier step (it got there sooner); only results on the "
+                       "data root (see --data-root) of checkpoints still in RUN_DIR")
+    p.add_argument("--by", choices=best_rule.METRICS, help="--best: METRIC to rank by (default: the one the sweep "
+                   "ranked by, from sweep.json: its target's; top1 with 5 classes or fewer)")
     p.add_argument("--out", help="model folder to write (default: RUN_DIR/export/<checkpoint>)")
-    p.add_argument("--data-root", help="packed data root, for the packer's settings (default: the run's, from "
-                   "run.json)")
+    p.add_argument("--data-root", help="packed data root: the packer's settings, and the sweep results --best ranks "
+                   "(default: the run's, from run.json)")
     return p.parse_args(argv)
 
 

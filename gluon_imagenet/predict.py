@@ -19,6 +19,7 @@ folder is all it needs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -55,9 +56,61 @@ def read_model_json(model_dir: str) -> dict:
                          "gluon_imagenet.export") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"{path!r} is unreadable ({e}); export the model again") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path!r} holds a {type(meta).__name__}, not an object; export the model again")
     if meta.get("format") != FORMAT:
         raise ModelError(f"{path!r} has format {meta.get('format')!r}, this reader knows {FORMAT!r}")
+    check_meta(meta, path)
     return meta
+
+
+def check_meta(meta: dict, path: str) -> None:
+    """What predict reads from model.json, checked before any work: each problem is one line, not a traceback."""
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        what = ("no 'classes'" if classes is None
+                else f"'classes' that are a {type(classes).__name__}, not a list of names")
+        raise ModelError(f"{path!r} has {what}; export the model again")
+    if not classes:
+        raise ModelError(f"{path!r} lists no classes ('classes': []); export the model again")
+    for key, kind in (("input", dict), ("preprocess", dict), ("symbol_file", str), ("params_file", str)):
+        if not isinstance(meta.get(key), kind):
+            raise ModelError(f"{path!r} has no {key!r} {kind.__name__}; export the model again")
+    outputs = meta.get("outputs")
+    if outputs is not None and outputs != len(classes):
+        raise ModelError(f"{path!r} lists {len(classes)} classes for the network's {outputs} outputs; export the "
+                         "model again")
+    missing = [key for key in ("outputs", "params_sha256") if key not in meta]
+    if missing:
+        print(f"warning: {path} records no {' and no '.join(missing)} (exported by an older version): the folder's "
+              "parameters are not checked against it; export the model again to have them checked", file=sys.stderr)
+
+
+def check_params(params_path: str, meta: dict) -> None:
+    """The parameters file is the one exported with this model.json (another run's file of the same network would
+    load and predict nonsense)."""
+    expected = meta.get("params_sha256")
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with open(params_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelError(f"{params_path!r} is not the parameters file exported with its model.json (SHA-256 "
+                         f"differs): another run's or a damaged file; export the model again")
+
+
+def check_outputs(net, meta: dict, ctx) -> None:
+    """The network scores exactly as many classes as model.json names (checked on one blank image)."""
+    size = meta["input"].get("shape", [None, 3, 0, 0])[-1]
+    if not isinstance(size, int) or size < 1:
+        raise ModelError(f"model.json's input shape {meta['input'].get('shape')!r} has no image size; export the "
+                         "model again")
+    outputs = net(mx.nd.zeros((1, 3, size, size), ctx=ctx, dtype="uint8")).shape[-1]
+    if outputs != len(meta["classes"]):
+        raise ModelError(f"model.json lists {len(meta['classes'])} classes for the network's {outputs} outputs: the "
+                         "folder mixes files of different exports; export the model again")
 
 
 def load(model_dir: str, ctx: mx.Context | None = None):
@@ -77,6 +130,8 @@ def load(model_dir: str, ctx: mx.Context | None = None):
         except (mx.base.MXNetError, ValueError, AssertionError) as e:
             why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # MXNet: the last line
             raise ModelError(f"{model_dir!r} cannot be loaded ({why}); export the model again") from None
+    check_params(files[1], meta)  # after loading: a file MXNet cannot read is "cannot be loaded"
+    check_outputs(net, meta, ctx)
     net.hybridize(static_alloc=True, static_shape=True)
     return net, meta
 

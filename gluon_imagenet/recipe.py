@@ -366,13 +366,27 @@ def main(argv: list[str] | None = None) -> int:
                       help="override the recipe's lr scaling rule")
     args = parser.parse_args(argv)
     try:
+        for flag, value in (("--workers", args.workers), ("--train-images", args.train_images)):
+            if value is not None and value < 1:  # 0 would silently show the reference plan
+                raise RecipeError(f"{flag} {value}: must be a whole number >= 1 (leave --workers out for the "
+                                  "recipe's reference_workers)")
         recipe = load_recipe(args.recipe, data_root=args.data_root)
-        plan = make_plan(recipe, train_images=args.train_images, workers=args.workers or recipe.reference_workers,
-                         lr_scaling=args.lr_scaling)
+        workers = args.workers if args.workers is not None else recipe.reference_workers
+        plan = make_plan(recipe, train_images=args.train_images, workers=workers, lr_scaling=args.lr_scaling)
     except (RecipeError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_plan(plan))
+    return print_quietly(format_plan(plan))
+
+
+def print_quietly(text: str) -> int:
+    """Print to a reader that may stop early (`recipe show ... | head -1`): a closed pipe ends the command
+    quietly, as for any Unix tool, instead of a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would report the broken pipe there: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -14,37 +14,39 @@ Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then
 training minutes, phases and target marked). A result is reused only for the same checkpoint file (its SHA-256)
 evaluated with the same settings (size, data root and packed data, crop fraction, batch size); a retrained
 checkpoint or another setting is evaluated again. Several sweeps may run on one run folder at once: each write
-merges into sweep.json under RUN_DIR/sweep.lock.
+merges into sweep.json under RUN_DIR/sweep.lock. Results of checkpoints no longer in RUN_DIR are dropped (said so).
+A data root whose classes.txt differs from run.json's classes is refused; every result names its data root and
+that data's identity. With 5 classes or fewer top-5 is 100% for any network: it is shown as n/a, the default
+target is top-1, and --target-top5 is refused. Ctrl-C / SIGTERM: one line, exit 130 / 143, workers ended.
 
 --watch evaluates new checkpoints as training writes them, verifying each checkpoint's files once, and ends when
 the final checkpoint (the plan's last step) has been handled, or when no trainer holds RUN_DIR/train.lock and
-nothing is left to evaluate. Reads only the run folder (run.json and the checkpoints) and the packed data; it
-shares nothing with the training loop.
+nothing is left to evaluate. A mid-epoch checkpoint deleted by the trainer's retention (--keep-mid-epoch) while
+the sweep looks at it is reported as pruned, and the watch goes on. Reads only the run folder (run.json and the
+checkpoints) and the packed data; it shares nothing with the training loop.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import multiprocessing
 import os
 import queue
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
-from gluon_imagenet import checkpoint, locks, packed
+from gluon_imagenet import best, checkpoint, locks, packed, retention, stops
 from gluon_imagenet.devices import Device
-from gluon_imagenet.files import atomic_open
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
+from gluon_imagenet.sweep_results import REQUIRED_FIELDS, RESULT_FIELDS, ResultStore  # noqa: F401
+from gluon_imagenet.sweep_report import (SEED_TARGET_TOP1, SEED_TARGET_TOP5, best_row, describe_target,  # noqa: F401
+                                         format_table, plot, plot_data, ranking_metric, resolve_targets,
+                                         time_to_accuracy)
 
-RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir",
-                 "crop_fraction", "batch_size", "top1", "top5", "images")
-# What every stored result must hold to be reported (a row without them makes sweep.json damaged).
-REQUIRED_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
-                   "top5", "images")
-SEED_TARGET_TOP5 = 0.93  # the seed's goal when no target is given
 
 
 class SweepError(Exception):
@@ -99,8 +101,11 @@ def parse_args(argv):
     p.add_argument("--from-epoch", type=float, default=0.0, help="only checkpoints at or after this epoch")
     p.add_argument("--last", type=int, help="only the newest N checkpoints")
     p.add_argument("--target-top5", type=float, help="target top-5 accuracy, 0-1 (default 0.93 when no "
-                   "--target-top1 is given)")
-    p.add_argument("--target-top1", type=float, help="target top-1 accuracy, 0-1")
+                   "--target-top1 is given; refused with 5 classes or fewer, where top-5 is 100%% for any network and "
+                   f"the default target is top-1 >= {SEED_TARGET_TOP1:g})")
+    p.add_argument("--target-top1", type=float, help="target top-1 accuracy, 0-1. The best checkpoint, named when "
+                   f"no checkpoint reaches the targets and used by export --best: {best.RULE_HELP}, METRIC being "
+                   "top-1 when a top-1 target is given, else top-5")
     p.add_argument("--watch", action="store_true", help="keep evaluating new checkpoints until the final one, or "
                    "until training stops")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="--watch: seconds between looks for new "
@@ -230,6 +235,29 @@ def check_phase_data(args, run: dict, data_root: str) -> None:
         data_dir_for(data_root, size, preferred, args.crop_fraction)
 
 
+def check_classes(run: dict, data_root: str) -> None:
+    """The data root's classes are the run's, in the same order: a network scored against other labels gives
+    numbers that look like accuracy and mean nothing."""
+    try:
+        theirs = packed.read_classes(data_root)
+    except packed.PackError:
+        print(f"warning: {os.path.join(data_root, 'classes.txt')} does not exist (not packed by im2rec_multi): "
+              "cannot check that its classes are the run's", file=sys.stderr)
+        return
+    mine = list(run.get("classes") or [])
+    if theirs == mine:
+        return
+    differ = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+
+    def at(names):
+        return repr(names[differ]) if differ < len(names) else "nothing"
+
+    raise SweepError(f"data root {data_root!r} holds {len(theirs)} classes, the run trained on {len(mine)} (run.json); "
+                     f"class {differ} is {at(theirs)} there and {at(mine)} in the run: pass the --data-root the run "
+                     f"was trained on ({run.get('data_root') or 'see run.json'}) or one packed from the same class "
+                     "folders")
+
+
 def data_identity(data_root: str, data_dir: str) -> str:
     """The packed validation split's identity (packed.data_identity)."""
     return packed.data_identity(data_root, data_dir, "val")
@@ -244,6 +272,7 @@ class Verifier:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self._known: dict[str, tuple] = {}  # name -> (file stamps, (checkpoint or None, problem))
+        self._had_record: set[str] = set()  # names seen with their record: one without it now was pruned
 
     def _stamp(self, name: str) -> tuple:
         stamps = []
@@ -266,7 +295,11 @@ class Verifier:
                 ckpt, why = known[1]
             else:
                 ckpt, why = checkpoint.check(name, record_path)
+                if ckpt is None and retention.was_pruned(record_path, name in self._had_record):
+                    why = retention.PRUNED
                 self._known[name] = (stamp, (ckpt, why))
+            if record_path is not None:
+                self._had_record.add(name)
             if ckpt:
                 good.append(ckpt)
             else:
@@ -382,282 +415,131 @@ class Evaluator:
                 "image_size": job.image_size, "data_dir": job.data_dir, "crop_fraction": job.crop_fraction,
                 "batch_size": job.batch_size, "data_root": job.data_root, "data_id": job.data_id,
                 "params_sha256": job.params_sha256, "top1": top1 / images, "top5": top5 / images, "images": images,
+                "classes": job.classes, "top5_meaningful": best.top5_meaningful(job.classes),
                 "eval_seconds": round(time.time() - start, 2), "device": str(self.device)}
 
 
 def worker_main(device: Device, jobs: list[Job], threads: int, results) -> None:
     """One process per device: evaluate its checkpoints in order, put each result on the queue."""
+    stops.ignore_in_child()
     evaluator = Evaluator(device, threads)
     for job in jobs:
         try:
             row = evaluator.evaluate(job)
         except Exception as e:  # one bad checkpoint must not stop the others
-            results.put(("error", job.key, f"{type(e).__name__}: {e}"))
+            if retention.was_pruned(job.params_path[: -len(".params")] + ".json", True):
+                results.put(("pruned", job.key, retention.PRUNED))
+            else:
+                results.put(("error", job.key, f"{type(e).__name__}: {e}"))
             continue
         results.put(("done", job.key, row))
 
 
-def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> dict[str, str]:
-    """Round-robin over devices; results stored as they arrive. Returns the errors by job key."""
-    from tqdm import tqdm
+def start_worker(proc) -> None:
+    """Start with SIGINT and SIGTERM blocked: the spawned interpreter inherits the mask, so a Ctrl-C reaching the
+    process group while it imports MXNet (before it can ignore signals) prints no traceback of its own; a stop
+    arriving meanwhile waits here and is raised once they are unblocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops.SIGNALS)
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+
+def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> tuple[dict[str, str], dict[str, str]]:
+    """Round-robin over devices; results stored as they arrive. Returns (errors, pruned checkpoints) by job key.
+    On any way out (a stop included) the workers are killed: they ignore SIGINT and SIGTERM."""
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
     results = context.Queue()
     threads = max(1, (os.cpu_count() or 1) // len(devices))
     processes = []
-    for i, device in enumerate(devices):
-        share = jobs[i:: len(devices)]
-        if share:
-            proc = context.Process(target=worker_main, args=(device, share, threads, results), daemon=True)
-            proc.start()
-            processes.append((proc, {j.key for j in share}))
-    pending, errors = {j.key for j in jobs}, {}
-    bar = tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr)
-    images = 0
-    start = time.time()
-    while pending:
-        try:
-            kind, key, payload = results.get(timeout=5)
-        except queue.Empty:
-            for proc, keys in processes:
-                lost = keys & pending
-                if not proc.is_alive() and lost:  # a crashed worker: its other checkpoints are reported
-                    for k in sorted(lost):
-                        errors[k] = f"worker on {proc.name} exited with code {proc.exitcode}"
-                    pending -= lost
-            continue
-        pending.discard(key)
-        if kind == "done":
-            store.add(key, payload)
-            images += payload["images"]
-            bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
-        else:
-            errors[key] = payload
-        bar.update()
-    bar.close()
+    try:
+        for i, device in enumerate(devices):
+            share = jobs[i:: len(devices)]
+            if share:
+                proc = context.Process(target=worker_main, args=(device, share, threads, results), daemon=True)
+                start_worker(proc)
+                processes.append((proc, {j.key for j in share}))
+        return collect(jobs, processes, results, store)
+    finally:
+        for proc, _ in processes:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=30)
+
+
+def collect(jobs: list[Job], processes: list, results, store: "ResultStore"):
+    from tqdm import tqdm
+
+    pending, errors, pruned = {j.key for j in jobs}, {}, {}
+    with tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr) as bar:  # closed before a stop's line
+        images = 0
+        start = time.time()
+        while pending:
+            try:
+                kind, key, payload = results.get(timeout=5)
+            except queue.Empty:
+                for proc, keys in processes:
+                    lost = keys & pending
+                    if not proc.is_alive() and lost:  # a crashed worker: its other checkpoints are reported
+                        for k in sorted(lost):
+                            errors[k] = f"worker on {proc.name} exited with code {proc.exitcode}"
+                        pending -= lost
+                continue
+            pending.discard(key)
+            if kind == "done":
+                store.add(key, payload)
+                images += payload["images"]
+                bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
+            else:
+                (pruned if kind == "pruned" else errors)[key] = payload
+            bar.update()
     for proc, _ in processes:
         proc.join(timeout=30)
-    return errors
-
-
-# ------------------------------------------------------------------------------------------------ storing
-class ResultStore:
-    """sweep.json (every result, keyed by checkpoint and settings) and sweep.csv.
-
-    Every write happens under RUN_DIR/sweep.lock and merges: sweep.json is read again, this process's results
-    are added, and both files are replaced atomically, so two sweeps on one run keep each other's results.
-    Results of a checkpoint that has since been written again (same name, other file) are dropped. A damaged
-    sweep.json is moved aside, never silently discarded."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.json_path = os.path.join(run_dir, "sweep.json")
-        self.csv_path = os.path.join(run_dir, "sweep.csv")
-        self.lock_path = os.path.join(run_dir, "sweep.lock")
-        self.mine: dict[str, dict] = {}  # results this process evaluated
-        self.results: dict[str, dict] = {}  # everything known: sweep.json as last read, plus mine
-        self.current: dict[str, str] = {}  # checkpoint name -> its .params sha256, as now in the run dir
-        self.reload()
-
-    def _lock(self):
-        return locks.hold(self.lock_path, f"the sweep results of {self.run_dir}", wait=True)
-
-    def reload(self) -> None:
-        """Pick up what other sweeps wrote meanwhile."""
-        with self._lock():
-            self.results = {**self._read(), **self.mine}
-
-    def add(self, key: str, row: dict) -> None:
-        with self._lock():
-            self.mine[key] = row
-            merged = {k: r for k, r in {**self._read(), **self.mine}.items() if not self._stale(r)}
-            with atomic_open(self.json_path) as f:
-                json.dump({"results": merged}, f, indent=1, sort_keys=True)
-            with atomic_open(self.csv_path, newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(sorted(merged.values(), key=lambda r: (
-                    r["step"], r["image_size"], r["data_dir"], r.get("crop_fraction") or 0, r.get("batch_size") or 0)))
-            self.results = merged
-
-    def _stale(self, row: dict) -> bool:
-        """A result for a checkpoint name whose file is now another one (deleted and trained again)."""
-        now = self.current.get(row["checkpoint"])
-        return now is not None and row.get("params_sha256") != now
-
-    def _read(self) -> dict[str, dict]:
-        """sweep.json's results; a damaged or foreign file is moved aside (and said so), not overwritten."""
-        if not os.path.isfile(self.json_path):
-            return {}
-        try:
-            with open(self.json_path) as f:
-                data = json.load(f)
-            problem = self._shape_problem(data)
-        except ValueError as e:
-            problem = f"not JSON ({e})"
-        if not problem:
-            return data["results"]
-        aside = f"{self.json_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(self.json_path, aside)
-        print(f"warning: {self.json_path} is damaged ({problem}); moved it to {aside} and evaluating those "
-              "checkpoints again", file=sys.stderr)
-        return {}
-
-    @staticmethod
-    def _shape_problem(data) -> str:
-        if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-            return "expected an object with a 'results' object"
-        for key, row in data["results"].items():
-            if not isinstance(row, dict):
-                return f"result {key!r} is not an object"
-            missing = [f for f in REQUIRED_FIELDS if f not in row]
-            if missing:
-                return f"result {key!r} lacks {', '.join(missing)}"
-        return ""
-
-    def rows(self, keys) -> list[dict]:
-        return sorted((self.results[k] for k in keys if k in self.results), key=lambda r: r["step"])
+    return errors, pruned
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def resolve_targets(target_top5: float | None, target_top1: float | None) -> tuple[float | None, float | None]:
-    return (SEED_TARGET_TOP5, None) if (target_top5, target_top1) == (None, None) else (target_top5, target_top1)
+def targets_for(args, classes: int) -> tuple[float | None, float | None]:
+    """The targets to report on; a top-5 target with 5 classes or fewer is refused (any network reaches it), and
+    the default target is then top-1 (said so)."""
+    if best.top5_meaningful(classes):
+        return resolve_targets(args.target_top5, args.target_top1)
+    if args.target_top5 is not None:
+        raise SweepError(f"--target-top5 {args.target_top5:g}: the run has {classes} classes, so top-5 is 100% for "
+                         "any network and the target means nothing; give --target-top1 instead")
+    targets = resolve_targets(None, args.target_top1, classes)
+    if args.target_top1 is None:
+        print(f"with {classes} classes top-5 is 100% for any network: the target is top-1 >= {targets[1]:.2%} "
+              "(choose one with --target-top1)")
+    return targets
 
 
-def time_to_accuracy(rows: list[dict], target_top5: float | None, target_top1: float | None) -> dict | None:
-    """The first checkpoint (by step) reaching every given target."""
-    for row in rows:
-        if (target_top5 is None or row["top5"] >= target_top5) and (target_top1 is None or row["top1"] >= target_top1):
-            return row
-    return None
+def accuracies(row: dict, top5_meaningful: bool) -> str:
+    top5 = f"{row['top5']:.2%}" if top5_meaningful else "n/a"
+    return f"top-1 {row['top1']:.2%}, top-5 {top5}"
 
 
-def ranking_metric(target_top5: float | None, target_top1: float | None) -> str:
-    """The metric the user asked about: top-1 when a top-1 target is given, else top-5."""
-    return "top1" if target_top1 is not None else "top5"
-
-
-def best_row(rows: list[dict], target_top5: float | None, target_top1: float | None) -> dict:
-    first = ranking_metric(target_top5, target_top1)
-    second = "top5" if first == "top1" else "top1"
-    return max(rows, key=lambda r: (r[first], r[second]))
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'checkpoint':<14} {'epoch':>7} {'step':>7} {'train s':>9} {'size':>5} {'top-1':>7} {'top-5':>7} "
-             f"{'images':>7}"]
-    for r in rows:
-        lines.append(f"{r['checkpoint']:<14} {r['epoch']:>7.2f} {r['step']:>7} {r['train_seconds']:>9.1f} "
-                     f"{r['image_size']:>5} {r['top1']:>7.2%} {r['top5']:>7.2%} {r['images']:>7}")
-    return "\n".join(lines)
-
-
-def describe_target(target_top5, target_top1) -> str:
-    parts = [f"top-5 >= {target_top5:.2%}" if target_top5 is not None else "",
-             f"top-1 >= {target_top1:.2%}" if target_top1 is not None else ""]
-    return " and ".join(p for p in parts if p)
-
-
-def _minutes_at(step: int, points: list[tuple[int, float]]) -> float | None:
-    """Training minutes at `step`, interpolated between checkpoints (and step 0 at 0 s); None past the last."""
-    for (s0, t0), (s1, t1) in zip(points, points[1:]):
-        if step in (s0, s1):  # a phase usually ends with a checkpoint: its own time, exactly
-            return (t0 if step == s0 else t1) / 60
-        if s0 < step < s1:
-            return (t0 + (t1 - t0) * (step - s0) / (s1 - s0)) / 60
-    return None
-
-
-def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | None], title: str = "") -> dict:
-    """Everything sweep.png shows, as numbers: accuracy against training minutes, where each phase starts (in
-    minutes, interpolated between the checkpoints around its first step) and its image size, the target lines,
-    and the first checkpoint reaching the targets."""
-    rows = sorted(rows, key=lambda r: r["step"])
-    points = [(0, 0.0)] + [(r["step"], float(r["train_seconds"])) for r in rows]
-    phases = []
-    for i, p in enumerate(run["phases"]):
-        minutes = 0.0 if i == 0 else _minutes_at(p["first_step"], points)
-        phases.append({"first_step": p["first_step"], "image_size": p["image_size"], "label": f"{p['image_size']} px",
-                       "minutes": None if minutes is None else round(minutes, 4)})
-    target_top5, target_top1 = targets
-    lines = [{"metric": m, "value": v, "label": f"target {name} {v:.1%}"}
-             for m, name, v in (("top5", "top-5", target_top5), ("top1", "top-1", target_top1)) if v is not None]
-    metric = ranking_metric(target_top5, target_top1)
-    hit = time_to_accuracy(rows, target_top5, target_top1)
-    return {
-        "title": title,
-        "checkpoints": [r["checkpoint"] for r in rows],
-        "minutes": [round(r["train_seconds"] / 60, 4) for r in rows],
-        "top1": [r["top1"] for r in rows], "top5": [r["top5"] for r in rows],
-        "phases": phases,
-        "boundaries": [p["minutes"] for p in phases[1:] if p["minutes"] is not None],
-        "targets": lines,
-        "hit": None if hit is None else {
-            "checkpoint": hit["checkpoint"], "minutes": round(hit["train_seconds"] / 60, 4), "metric": metric,
-            "value": hit[metric],
-            "label": f"first to reach: {hit['checkpoint']}\n({hit['train_seconds'] / 60:.1f} min)"},
-    }
-
-
-def plot(data: dict, path: str) -> None:
-    """Draw plot_data's numbers: one panel, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label="top-1")
-    ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label="top-5")
-    for i, phase in enumerate(data["phases"]):
-        if phase["minutes"] is None:
-            continue
-        if i:
-            ax.axvline(phase["minutes"], color="gray", linestyle="--", linewidth=1)
-        ax.annotate(phase["label"], (phase["minutes"], 1.0), xytext=(4, -4), textcoords="offset points",
-                    ha="left", va="top", color="dimgray", fontsize=9)
-    for target in data["targets"]:
-        ax.axhline(target["value"], color="tab:orange" if target["metric"] == "top5" else "tab:blue",
-                   linestyle=":", linewidth=1.5, label=target["label"])
-    hit = data["hit"]
-    if hit:
-        ax.plot([hit["minutes"]], [hit["value"]], marker="*", markersize=20, color="crimson", linestyle="none",
-                zorder=5, label=hit["label"])
-    ax.set_xlabel("training time (minutes)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlim(left=0)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # outside: never over a curve or label
-    ax.set_title(data["title"], fontsize=10)
-    fig.tight_layout()
-    temp = f"{path}.{os.getpid()}.partial.png"  # two sweeps of one run may plot at the same moment
-    fig.savefig(temp, dpi=100)
-    plt.close(fig)
-    os.replace(temp, path)
-
-
-def report(args, run: dict, store: ResultStore, jobs: list[Job]) -> None:
+def report(args, run: dict, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
     rows = store.rows(j.key for j in jobs)
     if not rows:
         return
-    print(format_table(rows))
-    targets = resolve_targets(args.target_top5, args.target_top1)
+    top5_meaningful = best.top5_meaningful(len(run["classes"]))
+    print(format_table(rows, top5_meaningful))
     hit = time_to_accuracy(rows, *targets)
     wanted = describe_target(*targets)
+    metric = ranking_metric(*targets)
+    store.set_ranked_by(metric)  # export --best ranks as this report does
     if hit:
         print(f"time to {wanted}: {hit['train_seconds']:.1f} s of training ({hit['wall_seconds']:.1f} s wall), "
-              f"step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']} (top-1 {hit['top1']:.2%}, top-5 "
-              f"{hit['top5']:.2%})")
+              f"step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']} ({accuracies(hit, top5_meaningful)})")
     else:
-        best = best_row(rows, *targets)
-        print(f"no checkpoint reached {wanted}: the best is {best['checkpoint']} (top-1 {best['top1']:.2%}, top-5 "
-              f"{best['top5']:.2%})")
+        chosen = best_row(rows, *targets)
+        print(f"no checkpoint reached {wanted}: the best is {chosen['checkpoint']} "
+              f"({accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
     png = os.path.join(args.run_dir, "sweep.png")
     plot(plot_data(rows, run, targets, f"{args.run_dir}: {args.size_policy} size policy, center crop "
-                   f"{args.crop_fraction:g}"), png)
+                   f"{args.crop_fraction:g}", top5_meaningful), png)
     print(f"results: {store.csv_path}, {store.json_path}, {png}")
 
 
@@ -675,6 +557,7 @@ class Sweep:
         self.failed: dict[str, str] = {}  # job key -> error: not tried again while watching
         self.said: set = set()
         self.passes = 0
+        self.trainer: dict | None = None  # the train.lock holder seen before the last scan
 
     def plan(self) -> None:
         self.jobs, bad, self.good = plan_jobs(self.args, self.run, self.data_root, self.verifier)
@@ -686,19 +569,30 @@ class Sweep:
             print(line, file=file, flush=True)
 
     def evaluate(self) -> None:
-        """Evaluate the planned checkpoints not evaluated (or failed) yet; report the damaged ones."""
+        """Evaluate the planned checkpoints not evaluated (or failed) yet; report the damaged and pruned ones."""
         for name, why in self.bad.items():
+            if why.startswith("partial") and self.trainer is not None:
+                if self.args.watch:
+                    continue  # being saved or being pruned: the next look tells which
+                why = "no .json record yet: the running trainer is saving it or pruning it"
             self.say_once(f"skipping {name}: {why}", file=sys.stderr)
         self.store.current = {c.name: c.record["files"][".params"]["sha256"] for c in self.good}
-        self.store.reload()
+        self.store.existing = {name for name, _ in checkpoint.candidates(self.args.run_dir)}
+        gone = self.store.drop_gone()
+        if gone:
+            print(f"dropped the results of {len(gone)} checkpoint(s) no longer in {self.args.run_dir} (deleted or "
+                  f"pruned by the trainer's retention): {', '.join(gone)}")
         todo = [j for j in self.jobs if j.key not in self.store.results and j.key not in self.failed]
         if len(todo) < len(self.jobs) and not self.passes:
             print(f"{len(self.jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
         self.passes += 1
-        errors = run_jobs(todo, self.devices, self.store) if todo else {}
+        errors, pruned = run_jobs(todo, self.devices, self.store) if todo else ({}, {})
         for key, why in errors.items():
             print(f"failed: {key}: {why}", file=sys.stderr)
+        for key, why in pruned.items():
+            print(f"skipping {key.split('@')[0]}: {why} while being evaluated", file=sys.stderr)
         self.failed.update(errors)
+        self.failed.update(pruned)
 
     def watch_end(self, trainer: dict | None) -> str:
         """Why --watch stops now, or "" to keep waiting. `trainer` is the train.lock holder seen before the
@@ -734,6 +628,18 @@ def trainer_holding(run_dir: str) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ctrl-C and SIGTERM: one line, exit 130/143; the workers are killed and sweep.lock released on the way out.
+    saved = {s: signal.getsignal(s) for s in stops.SIGNALS}
+    try:
+        with stops.clean_stop("sweep_eval"):
+            return sweep_main(args)
+    finally:  # a caller in the same process (a test, a notebook) gets its own handlers back
+        for s, handler in saved.items():
+            if handler is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(s, handler)
+
+
+def sweep_main(args) -> int:
     try:
         check_args(args)
         run = read_run(args.run_dir)
@@ -741,13 +647,15 @@ def main(argv: list[str] | None = None) -> int:
         data_root = args.data_root or run.get("data_root") or "recordio"
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
+        check_classes(run, data_root)
+        targets = targets_for(args, len(run.get("classes") or []))
         devices = check_devices(args)
         if not checkpoint.exists_any(args.run_dir) and not args.watch:
             raise SweepError(f"no checkpoints in {args.run_dir!r}")
         if args.watch:
             check_phase_data(args, run, data_root)
         sweep = Sweep(args, run, data_root, devices)
-        trainer = trainer_holding(args.run_dir)  # before the scan: see Sweep.watch_end
+        trainer = sweep.trainer = trainer_holding(args.run_dir)  # before the scan: see Sweep.watch_end
         sweep.plan()  # every selected checkpoint has its validation data
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -765,14 +673,14 @@ def main(argv: list[str] | None = None) -> int:
             break
         sweep.say_once(sweep.waiting_for(trainer))
         time.sleep(args.poll_seconds)
-        trainer = trainer_holding(args.run_dir)
+        trainer = sweep.trainer = trainer_holding(args.run_dir)
         try:
             sweep.plan()
         except SweepError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         sweep.evaluate()
-    report(args, run, sweep.store, sweep.jobs)
+    report(args, run, sweep.store, sweep.jobs, targets)
     if not sweep.store.rows(j.key for j in sweep.jobs):
         print("error: no checkpoint could be evaluated", file=sys.stderr)
         return 1

@@ -4,13 +4,16 @@ import glob
 import io
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import run_tool
+from conftest import ROOT, run_tool
 from gluon_imagenet import export, predict
 
 
@@ -196,8 +199,11 @@ def test_export_errors_exit_2_and_write_nothing(single_run, tmp_path, case, mess
         args += ["--best"]
     elif case == "best result of other parameters":
         # A sweep result whose parameters' checksum is not the checkpoint's: the checkpoint was rewritten since.
-        row = {"checkpoint": names[0], "step": 1, "epoch": 1.0, "image_size": 64, "data_dir": "72", "top1": 0.5,
-               "top5": 0.9, "images": 70, "params_sha256": "0" * 64}
+        with open(os.path.join(run_dir, "run.json")) as f:
+            data_root = json.load(f)["data_root"]
+        row = {"checkpoint": names[0], "step": 1, "epoch": 1.0, "train_seconds": 1.0, "wall_seconds": 1.0,
+               "image_size": 64, "data_dir": "72", "top1": 0.5, "top5": 0.9, "images": 70, "params_sha256": "0" * 64,
+               "data_root": data_root}  # a whole row, as the sweep writes it
         with open(os.path.join(run_dir, "sweep.json"), "w") as f:
             json.dump({"results": {names[0]: row}}, f)
         args += ["--best"]
@@ -329,3 +335,181 @@ def test_predict_command_imports_no_training_code(exported, shapes_tree):
     training = {f"gluon_imagenet.{m}" for m in ("model", "train", "data", "checkpoint", "recipe", "schedule", "dist",
                                                 "sweep_eval", "export")} | {"gluoncv"}
     assert not loaded & training
+
+
+# ------------------------------------------------------------------------------------------------ the best, data
+def rewrite_sweep(run_dir, change):
+    path = os.path.join(run_dir, "sweep.json")
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("case", ["tie", "default top-5 target"])
+def test_the_sweep_and_export_best_name_the_same_checkpoint(swept_run, tmp_path, capsys, case):
+    from gluon_imagenet.sweep_eval import main as sweep_main
+
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(swept_run[0], run_dir, ignore=shutil.ignore_patterns("export"))
+    scores = {"tie": [(0.5, 0.8), (0.5, 0.8)], "default top-5 target": [(0.6, 0.8), (0.5, 0.9)]}[case]
+
+    def score(data):
+        data.pop("ranked_by", None)
+        for row, (top1, top5) in zip(sorted(data["results"].values(), key=lambda r: r["step"]), scores):
+            row.update(top1=top1, top5=top5)
+
+    rewrite_sweep(run_dir, score)
+    target = ["--target-top1", "0.99"] if case == "tie" else []  # else the default target: top-5 >= 93%
+    assert sweep_main(["--run-dir", run_dir, "--batch-size", "32", *target]) == 0  # reports, evaluates nothing
+    said = capsys.readouterr().out
+    named = said.split("the best is ")[1].split()[0]
+    code, out, err = call(export.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
+    assert code == 0, err
+    with open(tmp_path / "model" / "provenance.json") as f:
+        assert json.load(f)["checkpoint"] == named
+    steps = sorted(json.load(open(os.path.join(run_dir, "sweep.json")))["results"].values(), key=lambda r: r["step"])
+    assert named == steps[0 if case == "tie" else 1]["checkpoint"]  # the earlier step wins a tie
+
+
+def test_export_best_ranks_only_results_on_the_runs_data_of_existing_checkpoints(swept_run, packed_root, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(swept_run[0], run_dir, ignore=shutil.ignore_patterns("export"))
+    rows = sorted(swept_run[1], key=lambda r: r["step"])
+
+    def add_others(data):
+        # The older checkpoint scored perfectly on other data, and a deleted checkpoint scored perfectly: neither
+        # is this run's result on its own data.
+        data["results"]["elsewhere"] = dict(rows[0], data_root="/elsewhere/recordio", top1=1.0, top5=1.0)
+        data["results"]["gone"] = dict(rows[0], checkpoint="ckpt-00000999", step=999, top1=1.0, top5=1.0)
+        data["results"][next(k for k, r in data["results"].items() if r["step"] == rows[0]["step"])].update(
+            top1=0.0, top5=0.0)
+        data["ranked_by"] = "top1"
+
+    rewrite_sweep(run_dir, add_others)
+    code, out, err = call(export.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
+    assert code == 0, err
+    assert "on other data roots (/elsewhere/recordio)" in err and "no longer in" in err and "ckpt-00000999" in err
+    with open(tmp_path / "model" / "provenance.json") as f:
+        prov = json.load(f)
+    assert prov["checkpoint"] == rows[1]["checkpoint"]
+    root = os.path.abspath(packed_root)
+    assert prov["data_root"] == prov["sweep_accuracy"]["data_root"] == root
+    assert prov["data_identity"] == prov["sweep_accuracy"]["data_identity"] == rows[1]["data_id"]
+    assert prov["sweep_accuracy"]["top5_meaningful"] is True
+
+
+# ------------------------------------------------------------------------------------------------ retention
+def test_export_takes_the_newest_epoch_checkpoint_and_reports_a_pruned_one(single_run, tmp_path):
+    """Retention deletes mid-epoch checkpoints while the trainer runs: by default export takes the newest epoch
+    checkpoint (never pruned); a checkpoint deleted between choosing and reading it is said to be pruned."""
+    run_dir = str(tmp_path / "run")
+    newest = copy_run(single_run[1], run_dir, last=1)[0]
+    mid = "ckpt-00000106"  # a mid-epoch checkpoint newer than the last epoch one
+    for ext in (".params", ".states"):
+        shutil.copy(os.path.join(run_dir, newest + ext), os.path.join(run_dir, mid + ext))
+    with open(os.path.join(run_dir, newest + ".json")) as f:
+        record = json.load(f)
+    with open(os.path.join(run_dir, mid + ".json"), "w") as f:
+        json.dump(dict(record, step=106, epoch=5.25), f)
+    code, out, err = call(export.main, ["--run-dir", run_dir, "--out", str(tmp_path / "model")])
+    assert code == 0, err
+    assert f"{newest} (step" in out and f"newer mid-epoch ones ({mid}) only when named" in out
+    ckpt = export.verified(run_dir, mid)
+    os.remove(os.path.join(run_dir, mid + ".json"))  # retention: the record first, then the files
+    with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
+        export.verified(run_dir, mid)
+    os.remove(os.path.join(run_dir, mid + ".params"))
+    with open(os.path.join(run_dir, "run.json")) as f:
+        run = json.load(f)
+    with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
+        export.write_folder(str(tmp_path), run, ckpt, 32, {}, {})
+
+
+# ------------------------------------------------------------------------------------------------ model.json
+def test_model_json_records_the_output_count_and_the_parameters_checksum(exported):
+    out, _, _ = exported
+    with open(os.path.join(out, "model.json")) as f:
+        meta = json.load(f)
+    assert meta["outputs"] == len(meta["classes"]) == 10
+    assert meta["params_sha256"] == export.file_sha256(os.path.join(out, "model-0000.params"))
+
+
+def edit_meta(folder, change):
+    path = os.path.join(folder, "model.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta = change(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def drop(meta, *keys):
+    for key in keys:
+        meta.pop(key)
+    return meta
+
+
+@pytest.mark.parametrize("case, message", [
+    ("fewer classes than outputs", "lists 9 classes for the network's 10 outputs"),
+    ("fewer classes, old folder", "model.json lists 9 classes for the network's 10 outputs"),
+    ("no classes", "has no 'classes'"),
+    ("a list", "holds a list, not an object"),
+    ("no class names", "lists no classes"),
+    ("more names than outputs", "model.json lists 12 classes for the network's 10 outputs"),
+    ("another run's parameters", "is not the parameters file exported with its model.json"),
+])
+def test_predict_refuses_a_model_folder_that_disagrees_with_its_network(exported, shapes_tree, tmp_path, case, message):
+    out, _, _ = exported
+    folder = str(tmp_path / "model")
+    shutil.copytree(out, folder)
+    change = {
+        "fewer classes than outputs": lambda m: dict(m, classes=m["classes"][:-1]),
+        "fewer classes, old folder": lambda m: drop(dict(m, classes=m["classes"][:-1]), "outputs", "params_sha256"),
+        "no classes": lambda m: drop(m, "classes"),
+        "a list": lambda m: [m],
+        "no class names": lambda m: dict(m, classes=[]),
+        "more names than outputs": lambda m: drop(dict(m, classes=m["classes"] + ["x", "y"]), "outputs"),
+        "another run's parameters": lambda m: m,
+    }[case]
+    edit_meta(folder, change)
+    if case == "another run's parameters":  # the same network (same parameter names and shapes), other values
+        import mxnet as mx
+
+        params = os.path.join(folder, "model-0000.params")
+        mx.nd.save(params, {k: v * 0.5 for k, v in mx.nd.load(params).items()})
+    image = val_images(shapes_tree)[0][0]
+    for extra in ([], ["--json"]):
+        code, stdout, err = call(predict.main, [folder, image, *extra])
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert stdout == ""
+
+
+def test_predict_warns_about_an_old_model_folder_and_goes_on(exported, shapes_tree, tmp_path):
+    out, _, _ = exported
+    folder = str(tmp_path / "model")
+    shutil.copytree(out, folder)
+    edit_meta(folder, lambda m: drop(m, "outputs", "params_sha256"))
+    code, stdout, err = call(predict.main, [folder, val_images(shapes_tree)[0][0], "--top", "1"])
+    assert code == 0, err
+    assert "records no outputs and no params_sha256 (exported by an older version)" in err
+    assert len(stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize("mount", ["ro", "size=64k"])
+def test_export_into_a_read_only_or_full_folder_is_one_line(swept_run, tmp_path, mount):
+    """A real read-only / full file system (tmpfs in a private mount namespace): needs root, as on these machines."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private mount")
+    run_dir, _ = swept_run
+    target = tmp_path / "mnt"
+    target.mkdir()
+    script = (f"mount -t tmpfs -o {mount} tmpfs {target} && {{ {shlex.quote(sys.executable)} -m gluon_imagenet.export "
+              f"--run-dir {shlex.quote(run_dir)} --out {target}/model; echo code=$?; ls -A {target}; }}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "code=2", proc.stdout + proc.stderr  # and nothing left behind
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot write the model folder"), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_tool
-from gluon_imagenet import checkpoint, locks
+from gluon_imagenet import checkpoint, locks, packed, retention, stops
 from gluon_imagenet.devices import Device
 from gluon_imagenet.model import build_model
-from gluon_imagenet.sweep_eval import (Evaluator, ResultStore, Verifier, best_row, parse_args, plan_jobs, plot,
-                                       plot_data, read_run, time_to_accuracy)
+from gluon_imagenet.sweep_eval import (Evaluator, ResultStore, Verifier, best_row, format_table, parse_args, plan_jobs,
+                                       plot, plot_data, read_run, time_to_accuracy, worker_main)
 from gluon_imagenet.sweep_eval import main as sweep_main
 
 
@@ -491,3 +492,152 @@ def test_plot_of_a_real_sweep(swept, tmp_path):
     crimson = np.all(np.abs(pixels - np.array([220, 20, 60]) / 255) < 0.05, axis=1)
     assert crimson.sum() > 50  # the highlighted first checkpoint reaching the target
     assert matplotlib.image.imread(os.path.join(run_dir, "sweep.png")).shape[:2] == (500, 900)  # the sweep's own
+
+
+# ------------------------------------------------------------------------------------------------ data root, results
+def test_a_data_root_with_other_classes_is_refused(swept, packed_root, tmp_path, capsys):
+    run_dir, _ = swept
+    before = read_bytes(os.path.join(run_dir, "sweep.json"))
+    other = tmp_path / "recordio"
+    shutil.copytree(packed_root, other)
+    lines = (other / "classes.txt").read_text().splitlines()
+    lines[0], lines[1] = lines[0].split("\t")[0] + "\t" + lines[1].split("\t")[1], lines[1].split("\t")[0] + "\t" + \
+        lines[0].split("\t")[1]  # two classes swapped: the labels now mean other classes
+    (other / "classes.txt").write_text("\n".join(lines) + "\n")
+    assert sweep_main(["--run-dir", run_dir, "--data-root", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    with open(os.path.join(run_dir, "run.json")) as f:
+        run = json.load(f)
+    assert len(err) == 1 and err[0].startswith(f"error: data root {str(other)!r} holds 10 classes"), err
+    assert repr(run["classes"][0]) in err[0] and repr(run["classes"][1]) in err[0] and "--data-root" in err[0]
+    assert read_bytes(os.path.join(run_dir, "sweep.json")) == before
+
+
+def test_results_name_their_data_root_and_its_identity(swept, packed_root):
+    run_dir, _ = swept
+    rows = read_csv(os.path.join(run_dir, "sweep.csv"))
+    assert {r["data_root"] for r in rows} == {os.path.abspath(packed_root)}
+    for r in rows:
+        assert r["data_id"] == packed.data_identity(packed_root, r["data_dir"], "val")
+    assert {r["top5_meaningful"] for r in rows} == {"True"}  # 10 classes
+
+
+def test_results_of_deleted_checkpoints_are_dropped(swept, packed_root, tmp_path, capsys):
+    run_dir, _ = swept
+    copy = copy_run(run_dir, tmp_path / "run", keep_results=True)
+    for ext in (".json", ".params", ".states"):
+        os.remove(os.path.join(copy, "ckpt-00000015" + ext))
+    assert sweep_main(["--run-dir", copy, "--data-root", packed_root, "--batch-size", "16", "--target-top1",
+                       "0.99"]) == 0  # everything left is evaluated already: no worker starts
+    out = capsys.readouterr().out
+    assert f"dropped the results of 1 checkpoint(s) no longer in {copy}" in out and "ckpt-00000015" in out
+    assert [r["step"] for r in read_csv(os.path.join(copy, "sweep.csv"))] == ["30", "45", "75", "105"]
+    with open(os.path.join(copy, "sweep.json")) as f:
+        data = json.load(f)
+    assert {r["checkpoint"] for r in data["results"].values()} == {"ckpt-00000030", "ckpt-00000045",
+                                                                   "ckpt-00000075", "ckpt-00000105"}
+    assert data["ranked_by"] == "top1"  # what export --best follows
+
+
+# ------------------------------------------------------------------------------------------------ retention
+def test_a_checkpoint_pruned_under_the_sweep_is_reported_as_pruned(swept, packed_root, tmp_path):
+    """The trainer's retention deletes the record first, then .params and .states (checkpoint.prune_mid_epoch):
+    seen between the two, a pruned checkpoint looks like an interrupted save; its worker fails to load it."""
+    run_dir, _ = swept
+    copy = copy_run(run_dir, tmp_path / "run")
+    args = parse_args(["--run-dir", copy, "--data-root", packed_root, "--batch-size", "16"])
+    verifier = Verifier(copy)
+    jobs, bad, _ = plan_jobs(args, read_run(copy), packed_root, verifier)
+    assert len(jobs) == 5 and not bad
+    os.remove(os.path.join(copy, "ckpt-00000030.json"))  # retention, half way
+    _, bad, _ = plan_jobs(args, read_run(copy), packed_root, verifier)
+    assert bad == [("ckpt-00000030", retention.PRUNED)]
+    for ext in (".params", ".states"):
+        os.remove(os.path.join(copy, "ckpt-00000030" + ext))
+    results = queue.Queue()
+    saved = {s: signal.getsignal(s) for s in stops.SIGNALS}
+    try:
+        worker_main(Device("cpu"), [jobs[1]], 1, results)  # the job planned before the checkpoint was pruned
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert results.get_nowait() == ("pruned", jobs[1].key, retention.PRUNED)
+
+
+# ------------------------------------------------------------------------------------------------ top-5, few classes
+def four_class_run(run_dir, packed_root, tmp_path):
+    """A run folder (run.json only) and a data root whose classes are 4 of the 10."""
+    folder = tmp_path / "four"
+    folder.mkdir()
+    with open(os.path.join(run_dir, "run.json")) as f:
+        run = json.load(f)
+    run["classes"] = run["classes"][:4]
+    (folder / "run.json").write_text(json.dumps(run))
+    root = tmp_path / "recordio4"
+    root.mkdir()
+    lines = (open(os.path.join(packed_root, "classes.txt")).read().splitlines())[:4]
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    for size in ("40", "72"):
+        os.symlink(os.path.join(packed_root, size), root / size)
+    return str(folder), str(root)
+
+
+def test_with_few_classes_top5_is_no_target(swept, packed_root, tmp_path, capsys):
+    run_dir, _ = swept
+    four, root = four_class_run(run_dir, packed_root, tmp_path)
+    assert sweep_main(["--run-dir", four, "--data-root", root, "--target-top5", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --target-top5 0.9: the run has 4 classes, so top-5 is 100% for any network")
+    assert sweep_main(["--run-dir", four, "--data-root", root]) == 2  # no checkpoints: after the targets
+    out = capsys.readouterr().out
+    assert "with 4 classes top-5 is 100% for any network: the target is top-1 >= 75.90%" in out
+    rows = [{"checkpoint": "ckpt-00000001", "epoch": 1.0, "step": 1, "train_seconds": 1.0, "image_size": 32,
+             "top1": 0.5, "top5": 1.0, "images": 8}]
+    table = format_table(rows, top5_meaningful=False)
+    assert "100.00%" not in table and "n/a" in table.splitlines()[1]
+    assert plot_data(rows, RUN, (None, 0.5), top5_meaningful=False)["top5_meaningful"] is False
+
+
+# ------------------------------------------------------------------------------------------------ clean stops
+def workers_of(pid):
+    """The sweep's worker processes (not multiprocessing's resource tracker)."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code, watch", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)])
+def test_a_stop_ends_the_sweep_and_its_workers(swept, packed_root, tmp_path, signum, code, watch):
+    """Ctrl-C reaches the whole process group; SIGTERM (a scheduler, kill) only the sweep: both end it, its
+    workers included, in seconds, with one line and no traceback, sweep.lock released."""
+    run_dir, _ = swept
+    copy = copy_run(run_dir, tmp_path / "run")
+    extra = ["--watch", "--poll-seconds", "1"] if watch else []
+    with locks.hold(os.path.join(copy, "train.lock"), "the test's trainer"):
+        proc = subprocess.Popen([sys.executable, "-m", "gluon_imagenet.sweep_eval", "--run-dir", copy, "--data-root",
+                                 packed_root, "--workers", "2", "--batch-size", "16", *extra], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 60
+            while len(workers_of(proc.pid)) < 2 and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)  # the workers are importing MXNet or evaluating
+            workers = workers_of(proc.pid)
+            assert len(workers) >= 2 and proc.poll() is None
+            start = time.time()
+            if signum == signal.SIGINT:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+            out, err = proc.communicate(timeout=30)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == code, out + err
+    assert time.time() - start < 15
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("sweep_eval: stopped"), err
+    import psutil
+
+    assert not [w.cmdline() for w in psutil.wait_procs(workers, timeout=5)[1]]  # none left running
+    assert locks.holder(os.path.join(copy, "sweep.lock")) is None

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from gluon_imagenet import checkpoint, locks, packed
-from gluon_imagenet.devices import Device
+from gluon_imagenet.devices import Device, decode_threads, usable_cpus
 from gluon_imagenet.files import atomic_open
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
 
@@ -403,7 +403,7 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> di
 
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
     results = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    threads = decode_threads(len(devices)).threads  # the trainer's and the doctor's rule
     processes = []
     for i, device in enumerate(devices):
         share = jobs[i:: len(devices)]
@@ -753,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus()[0] // len(devices))))
     sweep.store = ResultStore(args.run_dir)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
           f"policy {args.size_policy}, data {data_root}")

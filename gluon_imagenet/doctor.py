@@ -380,6 +380,49 @@ def check_horovod(gpus: list[GPU], ranks: int) -> list[Result]:
     return out
 
 
+def check_collectives(on_gpus: bool) -> tuple[int, int, Result]:
+    """Under horovodrun (every rank runs this): an allreduce and a broadcast of known tensors across the ranks,
+    through dist.Ranks as the trainer starts Horovod, on each rank's own GPU (NCCL) or on the CPU (Gloo or
+    MPI). Returns (rank, local size, the result every rank agrees on); Horovod is shut down on every rank after."""
+    import mxnet as mx
+
+    from gluon_imagenet.dist import Ranks
+
+    ranks = Ranks.start()
+    hvd = ranks.horovod
+    ctx = mx.gpu(ranks.local_rank) if on_gpus else mx.cpu()
+    problem = ""
+    try:
+        mine = mx.nd.arange(4, ctx=ctx) + 10 * ranks.rank  # rank r holds [10r, 10r+1, 10r+2, 10r+3]
+        total = hvd.allreduce(mine, op=hvd.Sum, name="doctor.allreduce").asnumpy().tolist()
+        n = ranks.size
+        expected = [n * i + 10 * n * (n - 1) / 2 for i in range(4)]
+        if total != expected:
+            problem = f"rank {ranks.rank}: allreduce gave {total}, expected {expected}"
+        sent = mx.nd.full((3,), 7 + ranks.rank, ctx=ctx)
+        hvd.broadcast_(sent, root_rank=0, name="doctor.broadcast")
+        if not problem and sent.asnumpy().tolist() != [7.0] * 3:
+            problem = f"rank {ranks.rank}: broadcast from rank 0 gave {sent.asnumpy().tolist()}, expected [7.0] * 3"
+    except Exception as e:  # a collective that fails here would fail the first step of training
+        problem = f"rank {ranks.rank}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+    failed = ranks.allreduce_sum(1.0 if problem else 0.0, "doctor.verdict")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+    library = "NCCL" if on_gpus and hvd.nccl_built() else ("Gloo" if hvd.gloo_enabled() else "MPI")
+    where = f"{ranks.size} ranks ({ranks.local_size} on this machine), {'each on its GPU' if on_gpus else 'on CPUs'}"
+    if failed:
+        result = Result("failure", "collectives", f"allreduce / broadcast across {where} via {library}: "
+                                                  f"{int(failed)} rank(s) got wrong values or failed (each says "
+                                                  "which on stderr)", "check the network between the machines "
+                                                                      "and horovodrun's -H; see the errors")
+    else:
+        result = Result("ok", "collectives", f"allreduce and broadcast of known tensors across {where} via "
+                                             f"{library}: every rank got the expected values")
+    rank, local_size = ranks.rank, ranks.local_size
+    hvd.shutdown()  # every rank together: rank 0's checks below need no collective
+    return rank, local_size, result
+
+
 # ------------------------------------------------------------------------------------------------ threads
 def check_threads(ranks: int, threads: int, cores: int | None = None, image_size: int = 224) -> list[Result]:
     """Decode threads per rank by the trainer's own rule (devices.decode_threads); `cores` stands in for this
@@ -570,7 +613,7 @@ def format_table(results: list[Result]) -> str:
 CHECKS = ("versions", "features", "gpus", "amp", "horovod", "threads", "data", "disk", "memory")
 
 
-def run_checks(args) -> list[Result]:
+def run_checks(args, collectives: Result | None = None) -> list[Result]:
     wanted = set(args.checks.split(",")) if args.checks else set(CHECKS)
     results: list[Result] = []
     gpus, how = list_gpus()
@@ -585,6 +628,8 @@ def run_checks(args) -> list[Result]:
         results += check_amp(gpus, args.model)
     if "horovod" in wanted:
         results += check_horovod(gpus, ranks)
+        results.append(collectives or Result("info", "collectives", "not checked: run the doctor under horovodrun "
+                                                                    "(horovodrun -np N python -m gluon_imagenet.doctor)"))
     if gpus and "features" in wanted:
         from gluon_imagenet.gpu_settings import settings_for
 
@@ -653,7 +698,15 @@ def main(argv: list[str] | None = None) -> int:
     if engine_problem(os.environ):  # MXNet would abort (exit 134) or hang on it in every check below
         print(f"error: {engine_problem(os.environ)}", file=sys.stderr, flush=True)
         return 2
-    results = run_checks(args)
+    from gluon_imagenet.dist import Ranks
+
+    collectives = None
+    if any(name in os.environ for name in Ranks.LAUNCHER_RANK_VARIABLES) and "horovod" in (args.checks or "horovod"):
+        rank, local_size, collectives = check_collectives(bool(list_gpus()[0]))
+        if rank != 0:  # rank 0 runs every other check once, for the machine; the others are done
+            return 0 if collectives.status == "ok" else 1
+        args.ranks = args.ranks or local_size
+    results = run_checks(args, collectives)
     print(format_table(results), flush=True)
     return 1 if any(r.status == "failure" for r in results) else 0
 

@@ -54,10 +54,12 @@ def start_child(args: list[str], env: dict | None = None) -> subprocess.Popen:
                             env=env)
 
 
-def wait_child(proc: subprocess.Popen, timeout: float,
-               stuck_after_error: float = STUCK_AFTER_ERROR_SECONDS) -> ChildResult:
+def wait_child(proc: subprocess.Popen, timeout: float, stuck_after_error: float | None = None) -> ChildResult:
     """Wait for `proc` (started by start_child), reading its output as it comes; end it when it has reported an
-    error and not ended `stuck_after_error` seconds later, or after `timeout` seconds."""
+    error and not ended `stuck_after_error` seconds (default STUCK_AFTER_ERROR_SECONDS) later, or after
+    `timeout` seconds."""
+    if stuck_after_error is None:
+        stuck_after_error = STUCK_AFTER_ERROR_SECONDS
     out, err = [], []
     readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(s.readline, "")), daemon=True)
                for s, b in ((proc.stdout, out), (proc.stderr, err))]

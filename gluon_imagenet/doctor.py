@@ -11,15 +11,23 @@ fix, and exits 1 when anything failed (0 otherwise, 2 for a bad command line):
   features   MXNet's build features (mx.runtime.Features(): CUDA, CUDNN, NCCL, MKLDNN, OPENCV, ...)
   gpus       each GPU's compute capability against the GPU code in this MXNet build (pip's mxnet-cu117 has
              sm_50..sm_86 and no PTX: nothing runs on Hopper, H100/H200)
-  amp        a forward and backward pass with AMP on each device (float16 on a GPU, bfloat16 on a CPU that has
-             the instructions), each in its own process: amp.init() changes a process for good, and a CUDA
-             failure can kill it
-  horovod    Horovod built with MXNet, and with NCCL / Gloo / MPI
-  threads    decode threads per rank against the cores
-  data       the recipe's packed data present and readable (with --recipe and --data-root)
-  disk       free space in the run folder against the epoch checkpoints the plan writes (with --recipe, --run-dir)
+  amp        the trainer's own step (learner.Learner.step, its optimizer and AMP set-up: float16 on a GPU,
+             bfloat16 on a CPU that has the instructions, else float32) on each device, each in its own process
+             (amp.init() changes a process for good, and a CUDA failure can kill it); then a checkpoint of it by
+             checkpoint.save, loaded into a fresh Learner: parameters, optimizer state, loss scaler equal
+  horovod    Horovod built with MXNet, and with NCCL / Gloo / MPI; under horovodrun, an allreduce and a
+             broadcast of known tensors across the ranks (rank 0 then runs the other checks)
+  threads    decode threads per rank by the trainer's rule (devices.decode_threads) against the CPUs
+  data       the recipe's packed data by the trainer's own check (packed.check_for), the evaluation split too,
+             and the first record of each split decoded (with --recipe and --data-root)
+  disk       the run folder writable (a probe file) and its free space against the epoch checkpoints the plan
+             writes (with --recipe, --run-dir)
+  memory     per phase, one step with the trainer's Learner at its batch and image size, peak memory against
+             the device's (GPU 0, or the host), and the largest batch that fits when it does not (memory_probe)
 
-Nothing here changes the machine: it writes nothing but a probe file in --run-dir (removed at once).
+Engine variables MXNet would abort or hang on are refused first (exit 2, engine_env.py). Nothing here changes the
+machine: it writes nothing but a probe file in --run-dir (or where it will be created; removed at once) and
+temporary checkpoints of the probe step in the system's temporary folder.
 """
 from __future__ import annotations
 
@@ -679,7 +687,7 @@ def parse_args(argv):
     p.add_argument("--run-dir", help="the run folder: checks its free space against the plan's checkpoints")
     p.add_argument("--ranks", type=int, default=0, help="training processes on this machine (default: GPUs, or 1)")
     p.add_argument("--threads", type=int, default=0, help="decode threads per rank, as given to train (default: "
-                                                          "cores per rank)")
+                                                          "the trainer's rule: usable CPUs per rank)")
     p.add_argument("--model", choices=MODELS, default="resnet50_v1b", help="network for the step and the sizes")
     p.add_argument("--no-amp", action="store_true", help="the memory probe in float32, as train --no-amp")
     p.add_argument("--checks", help=f"comma-separated subset of {','.join(CHECKS)} (default: all)")

@@ -58,7 +58,8 @@ def parse_args(argv):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: float16 with dynamic loss scaling on GPUs (default there), bfloat16 on "
                         "CPUs that have bfloat16 instructions (default off on CPUs)")
-    p.add_argument("--threads", type=int, default=0, help="decode threads per rank (default: cores per rank)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="decode threads per rank (default: usable CPUs per rank, within ImageRecordIter's cap)")
     p.add_argument("--lr-scaling", choices=LR_SCALING_RULES, help="override the recipe's lr scaling rule")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     p.add_argument("--keep-mid-epoch", type=int, default=2,

@@ -396,7 +396,12 @@ def check_collectives(on_gpus: bool) -> tuple[int, int, Result]:
 
     from gluon_imagenet.dist import Ranks
 
-    ranks = Ranks.start()
+    try:
+        ranks = Ranks.start()
+    except Exception as e:  # horovod.mxnet missing or not built with MXNet: the horovod line says more
+        rank = int(next((os.environ[v] for v in Ranks.LAUNCHER_RANK_VARIABLES if v in os.environ), "0"))
+        return rank, 1, Result("failure", "collectives", f"Horovod does not start: {type(e).__name__}: {e}",
+                               "bash tools/setup.sh builds Horovod against this mxnet")
     hvd = ranks.horovod
     ctx = mx.gpu(ranks.local_rank) if on_gpus else mx.cpu()
     problem = ""

@@ -5,7 +5,8 @@ the largest batch that would fit, found by trying smaller ones: a run that would
 step of phase 3, hours in, stops in its first minutes instead.
 
 The peak: on a GPU, what MXNet holds on the device after the step (mx.context.gpu_memory_info: total - free; its
-pooled allocator keeps what the step needed, so that is the step's peak); on the CPU, the process's peak resident
+pooled allocator keeps what the step needed, so that is the step's peak, with whatever other processes hold
+on that GPU); on the CPU, the process's peak resident
 memory (getrusage ru_maxrss), against the host's available memory shared by the ranks of this machine. A fresh
 process per probe, since a process's peak never goes down. GLUON_IMAGENET_MEMORY_BUDGET (bytes, or with a K/M/G
 suffix) replaces what the device has: the real probe against a smaller budget (tests; or to keep headroom).

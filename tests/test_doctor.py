@@ -32,7 +32,10 @@ def test_all_checks_pass_here(packed_root, tmp_path):
     # On 2 CPUs ImageRecordIter starts 1 decode thread (its cap: half the CPUs), which the doctor now says, with
     # the warning that input will limit training; the count is the trainer's (devices.decode_threads).
     assert f" {devices.decode_threads(1).threads} decode thread(s) per rank" in lines_of(out, "threads")[0], out
-    assert len(lines_of(out, "memory")) == 2  # one line per phase
+    assert len(lines_of(out, "memory")) == 2  # one line per phase, each the real peak of a real step
+    for line in lines_of(out, "memory"):
+        peak_mib = float(line.split(" needs ")[1].split(" MiB")[0].replace(",", ""))
+        assert 100 < peak_mib < 8000 and "(available host memory)" in line, line
     assert "no GPU: CPU training" in out
     assert "+OPENCV" in out
     assert "240 training images" in out  # 10 classes x 24, read from the packed data

@@ -218,14 +218,19 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def untrained_phases(plan, done_steps: int) -> list:
+    """[(1-based number, plan phase)] of the phases with steps still to train after `done_steps` (the phase a
+    resumed run is in counts: its batch runs again)."""
+    return [(p.index + 1, p) for p in plan.phases if p.end_step > done_steps]
+
+
 def trainer_check(args, setup, ranks, resume_from) -> str:
     """The trainer's check at start, on GPUs (or with --memory-check), of the phases not yet trained: "" or the
     refusal. Each rank probes its own device."""
     wanted = setup.device.kind == "gpu" if args.memory_check is None else args.memory_check
     if not wanted:
         return ""
-    done = resume_from.step if resume_from else 0
-    phases = [(p.index + 1, p) for p in setup.plan.phases if p.end_step > done]
+    phases = untrained_phases(setup.plan, resume_from.step if resume_from else 0)
     device = f"gpu:{setup.device.index}" if setup.device.kind == "gpu" else "cpu"
     probes = phase_probes(phases, args.model, len(setup.classes), device, setup.amp_dtype, setup.plan.recipe)
     ranks.print(f"memory check: one step of each of {len(probes)} phase(s) on {setup.device} (--no-memory-check "

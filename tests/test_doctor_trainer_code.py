@@ -208,6 +208,17 @@ def test_the_largest_fitting_batch_is_found_by_trying_smaller_ones():
     assert none.largest_fitting is None and "not even batch_size 1" in none.message()
 
 
+def test_a_resumed_run_probes_only_the_phases_still_to_train():
+    from gluon_imagenet.recipe import recipe_from_dict
+    from gluon_imagenet.schedule import make_plan
+
+    plan = make_plan(recipe_from_dict(copy.deepcopy(TWO_PHASES)), 240, 1)
+    first_end = plan.phases[0].end_step
+    numbers = lambda done: [n for n, _ in memory_probe.untrained_phases(plan, done)]  # noqa: E731
+    assert numbers(0) == [1, 2] and numbers(first_end - 1) == [1, 2]
+    assert numbers(first_end) == [2] and numbers(plan.total_steps) == []
+
+
 def test_the_trainer_refuses_a_phase_that_will_not_fit_before_training(packed_root, tmp_path):
     """The real probe against a budget below what MXNet itself needs: nothing fits, refused at start."""
     env = dict(os.environ, **{memory_probe.BUDGET_VARIABLE: "64M"})

@@ -166,6 +166,22 @@ def test_an_unwritable_run_dir_fails(tmp_path, where):
     assert lines_of(proc.stdout, "run")[0].startswith("FAILURE"), proc.stdout
 
 
+def test_a_run_dir_on_a_read_only_file_system_fails(tmp_path):
+    """A read-only tmpfs mounted in a private mount namespace (needs root and unshare; skipped where refused)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs "
+                                                      f"{mount}"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    doctor_line = " ".join([sys.executable, "-m", "gluon_imagenet.doctor", *SMALL, "--checks", "disk", "--recipe",
+                            write_recipe(str(tmp_path)), "--run-dir", str(mount / "run")])
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {mount} && {doctor_line}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    failure = lines_of(proc.stdout, "run")[0]
+    assert failure.startswith("FAILURE") and "Read-only file system" in failure, proc.stdout
+
+
 def test_a_writable_run_dir_gets_a_probe_file_and_keeps_nothing(tmp_path):
     (tmp_path / "runs").mkdir()
     assert [r.status for r in doctor.check_run_dir(str(tmp_path / "runs" / "new"))] == ["ok"]

@@ -96,3 +96,96 @@ def check_amp(device: Device) -> str:
                           f"instructions ({' or '.join(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo); this one has neither: "
                           "train in float32 with --no-amp, or use a GPU")
     return device.amp_dtype
+
+
+# ------------------------------------------------------------------------------------------------ decode threads
+# MXNet 1.9.1's ImageRecordIter (src/io/iter_image_recordio_2.cc, ImageRecordIOParser2::Init, lines 141-156) with
+# its default `ctx` (gpu, src/io/image_iter_common.h line 362) lowers preprocess_threads to
+# max(omp_get_num_procs() / 2, 1) ("be conservative, set number of real cores"); OpenMP counts the CPUs of the
+# affinity mask, not a cgroup quota. More threads asked than that are silently not started.
+def image_record_iter_thread_cap(affinity_cpus: int) -> int:
+    return max(affinity_cpus // 2, 1)
+
+
+def _cgroup_quota(cgroup_root: str, proc_cgroup: str) -> float | None:
+    """CPUs the cgroup's CFS quota allows (e.g. 2.5), or None without a quota: cgroup v2's cpu.max
+    ("max 100000" or "250000 100000") or v1's cpu.cfs_quota_us / cpu.cfs_period_us (quota -1: none), in this
+    process's own cgroup and at the mount's root (a container sees its own cgroup as the root)."""
+    import os
+
+    own = {"v2": "", "v1": ""}
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                    own["v2"] = parts[2].lstrip("/")
+                elif len(parts) == 3 and "cpu" in parts[1].split(","):
+                    own["v1"] = parts[2].lstrip("/")
+    except OSError:
+        pass
+    quotas = []
+    for path in {os.path.join(cgroup_root, own["v2"], "cpu.max"), os.path.join(cgroup_root, "cpu.max")}:
+        try:
+            with open(path) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max" and int(period) > 0:
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            continue
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        for folder in {os.path.join(cgroup_root, controller, own["v1"]), os.path.join(cgroup_root, controller)}:
+            try:
+                with open(os.path.join(folder, "cpu.cfs_quota_us")) as f:
+                    quota = int(f.read())
+                with open(os.path.join(folder, "cpu.cfs_period_us")) as f:
+                    period = int(f.read())
+            except (OSError, ValueError):
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def usable_cpus(*, affinity: int | None = None, cgroup_root: str = "/sys/fs/cgroup",
+                proc_cgroup: str = "/proc/self/cgroup") -> tuple[int, int, str]:
+    """(CPUs this process may use, CPUs in its affinity mask, where that came from): the affinity mask (taskset,
+    a container's cpuset) bounded by the cgroup CPU quota where one is set (a quota of 2.5 CPUs gives 2)."""
+    import os
+
+    if affinity is None:
+        try:
+            affinity = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            affinity = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root, proc_cgroup)
+    cpus = affinity if quota is None else max(1, min(affinity, int(quota)))
+    source = f"{affinity} CPU(s) in the affinity mask" + ("" if quota is None else f", a cgroup quota of {quota:g}")
+    return cpus, affinity, source
+
+
+@dataclass(frozen=True)
+class DecodeThreads:
+    threads: int  # preprocess_threads per rank, as ImageRecordIter will really run them
+    cpus: int  # CPUs this process may use
+    capped: bool  # ImageRecordIter's own cap decided `threads`
+    note: str  # how it was decided, and what bound it
+
+    def __str__(self) -> str:
+        return f"{self.threads} decode thread(s) per rank ({self.note})"
+
+
+def decode_threads(local_ranks: int, requested: int = 0, **where) -> DecodeThreads:
+    """The one rule for decode threads per rank (trainer, sweep workers, doctor): the CPUs this process may use
+    (usable_cpus) shared among the `local_ranks` processes on this machine, at most what ImageRecordIter really
+    starts. `requested` (--threads) wins when given, capped the same way; the note says when the cap binds.
+    `where` passes usable_cpus' affinity / cgroup_root / proc_cgroup (for tests)."""
+    cpus, affinity, source = usable_cpus(**where)
+    local_ranks = max(1, local_ranks)
+    wanted = requested or max(1, cpus // local_ranks)
+    how = f"--threads {requested}" if requested else f"{cpus} usable CPU(s) / {local_ranks} rank(s) ({source})"
+    cap = image_record_iter_thread_cap(affinity)
+    if wanted > cap:
+        return DecodeThreads(cap, cpus, True, f"{how} gives {wanted}, but ImageRecordIter starts at most {cap}: "
+                                              f"half the {affinity} CPU(s) it sees")
+    return DecodeThreads(wanted, cpus, False, how)

@@ -11,15 +11,23 @@ fix, and exits 1 when anything failed (0 otherwise, 2 for a bad command line):
   features   MXNet's build features (mx.runtime.Features(): CUDA, CUDNN, NCCL, MKLDNN, OPENCV, ...)
   gpus       each GPU's compute capability against the GPU code in this MXNet build (pip's mxnet-cu117 has
              sm_50..sm_86 and no PTX: nothing runs on Hopper, H100/H200)
-  amp        a forward and backward pass with AMP on each device (float16 on a GPU, bfloat16 on a CPU that has
-             the instructions), each in its own process: amp.init() changes a process for good, and a CUDA
-             failure can kill it
-  horovod    Horovod built with MXNet, and with NCCL / Gloo / MPI
-  threads    decode threads per rank against the cores
-  data       the recipe's packed data present and readable (with --recipe and --data-root)
-  disk       free space in the run folder against the epoch checkpoints the plan writes (with --recipe, --run-dir)
+  amp        the trainer's own step (learner.Learner.step, its optimizer and AMP set-up: float16 on a GPU,
+             bfloat16 on a CPU that has the instructions, else float32) on each device, each in its own process
+             (amp.init() changes a process for good, and a CUDA failure can kill it); then a checkpoint of it by
+             checkpoint.save, loaded into a fresh Learner: parameters, optimizer state, loss scaler equal
+  horovod    Horovod built with MXNet, and with NCCL / Gloo / MPI; under horovodrun, an allreduce and a
+             broadcast of known tensors across the ranks (rank 0 then runs the other checks)
+  threads    decode threads per rank by the trainer's rule (devices.decode_threads) against the CPUs
+  data       the recipe's packed data by the trainer's own check (packed.check_for), the evaluation split too,
+             and the first record of each split decoded (with --recipe and --data-root)
+  disk       the run folder writable (a probe file) and its free space against the epoch checkpoints the plan
+             writes (with --recipe, --run-dir)
+  memory     per phase, one step with the trainer's Learner at its batch and image size, peak memory against
+             the device's (GPU 0, or the host), and the largest batch that fits when it does not (memory_probe)
 
-Nothing here changes the machine: it writes nothing but a probe file in --run-dir (removed at once).
+Engine variables MXNet would abort or hang on are refused first (exit 2, engine_env.py). Nothing here changes the
+machine: it writes nothing but a probe file in --run-dir (or where it will be created; removed at once) and
+temporary checkpoints of the probe step in the system's temporary folder.
 """
 from __future__ import annotations
 
@@ -301,104 +309,55 @@ def check_gpus(gpus: list[GPU], how: str, archs) -> list[Result]:
 
 
 # ------------------------------------------------------------------------------------------------ AMP probes
-def probe(device: str, model: str) -> dict:
-    """One forward and backward pass with AMP (or float32) on `device` ("cpu", "cpu-float32", "gpu:N"), in this
-    process: run by the doctor as a child process, one per device."""
-    import mxnet as mx
-    from mxnet import autograd, gluon
-    from mxnet.contrib import amp
-
-    from gluon_imagenet.devices import Device
-    from gluon_imagenet.model import build_model, initialize
-
-    start = time.perf_counter()
-    use_amp = device != "cpu-float32"
-    dev = Device("gpu", int(device.split(":")[1])) if device.startswith("gpu") else Device("cpu")
-    if use_amp:
-        amp.init(target_dtype=dev.amp_dtype)  # before the network is built
-    net = build_model(model, 10)
-    initialize(net, dev.context)
-    data = mx.nd.random.randint(0, 256, shape=(4, 3, 32, 32), ctx=dev.context).astype("uint8")
-    label = mx.nd.array([0, 1, 2, 3], ctx=dev.context)
-    with autograd.train_mode():
-        net(data)  # shapes first, in training mode (an inference pass upsets MKLDNN)
-    net.hybridize(static_alloc=True, static_shape=True)
-    trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.01, "momentum": 0.9,
-                                                          "multi_precision": use_amp}, kvstore=None)
-    if use_amp:
-        amp.init_trainer(trainer)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    for _ in range(2):
-        with autograd.record():
-            loss = loss_fn(net(data), label)
-            if use_amp:
-                with amp.scale_loss(loss, trainer) as scaled:
-                    autograd.backward(scaled)
-            else:
-                loss.backward()
-        trainer.step(data.shape[0])
-    value = float(loss.mean().asscalar())  # waits for the device: errors surface here
-    return {"loss": value, "finite": math.isfinite(value), "dtype": dev.amp_dtype if use_amp else "float32",
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
 def check_amp(gpus: list[GPU], model: str, timeout: float = 600) -> list[Result]:
+    """The trainer's own step (learner.Learner.step, its optimizer and AMP set-up) on each device, then a
+    checkpoint of it written by checkpoint.save and loaded into a fresh Learner (probes.training_step_probe)."""
     from gluon_imagenet.devices import BFLOAT16_CPU_FLAGS, cpu_supports_bfloat16
+    from gluon_imagenet.probes import start_child, wait_child
 
     out = []
     if gpus:
-        devices = [f"gpu:{g.index}" for g in gpus]
+        devices = [(f"gpu:{g.index}", True) for g in gpus]
     elif cpu_supports_bfloat16():
-        devices = ["cpu"]
+        devices = [("cpu", True)]
     else:
         out.append(Result("warning", "amp cpu", "AMP is unavailable on this CPU: bfloat16 needs "
                                                 f"{' or '.join(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo",
                           "train in float32 (--no-amp) or on a GPU"))
-        devices = ["cpu-float32"]  # still prove a real training step runs
+        devices = [("cpu", False)]  # still prove a real training step runs
     # One process per device, all at once: amp.init() is for good, and a failing CUDA kernel can kill a process.
-    procs = {d: subprocess.Popen([sys.executable, "-m", "gluon_imagenet.doctor", "--probe", d, "--model", model],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in devices}
-    for device, proc in procs.items():
-        name = "float32 cpu" if device == "cpu-float32" else f"amp {device.replace(':', ' ')}"
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            out.append(Result("failure", name, f"{model} training step did not finish in {timeout:.0f} s",
-                              "a hung GPU or driver: check nvidia-smi"))
-            continue
-        result = _last_json(stdout)
-        if proc.returncode != 0 or result is None:
-            error = _last_error(stderr)
-            fix = ("this MXNet has no code for this GPU: NVIDIA's MXNet container" if "no kernel image" in error
-                   else "see the error; the features and gpu lines above")
-            out.append(Result("failure", name, f"{model} training step failed (exit {proc.returncode}): {error}",
-                              fix))
+    procs = {(d, amp): start_child(["-m", "gluon_imagenet.probes", "step", d, model, "1" if amp else "0"])
+             for d, amp in devices}
+    for (device, amp), proc in procs.items():
+        name = f"amp {device.replace(':', ' ')}" if amp else f"float32 {device.replace(':', ' ')}"
+        child = wait_child(proc, timeout)
+        result = child.last_json()
+        if child.returncode != 0 or result is None:
+            error = child.error()
+            if "no kernel image" in error:
+                fix = "this MXNet has no code for this GPU: NVIDIA's MXNet container"
+            elif child.why and device.startswith("gpu") and not child.stderr.strip():
+                fix = "a hung GPU or driver: check nvidia-smi"
+            else:
+                fix = "see the error; the features and gpu lines above"
+            ended = f"ended: it {child.why}" if child.why else f"exit {child.returncode}"
+            out.append(Result("failure", name, f"{model} training step failed ({ended}): {error}", fix))
         elif not result["finite"]:
             out.append(Result("failure", name, f"{model} {result['dtype']} step gave loss {result['loss']}",
                               "a broken build or device: try --no-amp (float32)"))
         else:
-            out.append(Result("ok", name, f"{model} forward + backward in {result['dtype']}, loss "
-                                          f"{result['loss']:.3f}, {result['seconds']} s"))
+            out.append(Result("ok", name, f"{model} Learner.step x2 in {result['dtype']}, loss "
+                                          f"{result['loss']:.3f}, {result['step_seconds']} s"))
+            compared = result.get("compared", {})
+            if result.get("checkpoint"):
+                out.append(Result("failure", f"checkpoint {device.replace(':', ' ')}", result["checkpoint"],
+                                  "a checkpoint would not resume this run: report it with the versions above"))
+            else:
+                scaler = "and loss scaler " if compared.get("loss_scaler") else ""
+                out.append(Result("ok", f"checkpoint {device.replace(':', ' ')}",
+                                  f"saved and loaded into a fresh Learner: {compared.get('parameters')} parameters, "
+                                  f"{compared.get('optimizer_states')} optimizer states {scaler}equal"))
     return out
-
-
-def _last_json(stdout: str) -> dict | None:
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
-
-
-def _last_error(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error" in line or "error" in line:
-            return line[:400]
-    return lines[-1][:400] if lines else "no output (killed?)"
 
 
 # ------------------------------------------------------------------------------------------------ Horovod
@@ -429,23 +388,70 @@ def check_horovod(gpus: list[GPU], ranks: int) -> list[Result]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ threads
-def usable_cores() -> int:
+def check_collectives(on_gpus: bool) -> tuple[int, int, Result]:
+    """Under horovodrun (every rank runs this): an allreduce and a broadcast of known tensors across the ranks,
+    through dist.Ranks as the trainer starts Horovod, on each rank's own GPU (NCCL) or on the CPU (Gloo or
+    MPI). Returns (rank, local size, the result every rank agrees on); Horovod is shut down on every rank after."""
+    import mxnet as mx
+
+    from gluon_imagenet.dist import Ranks
+
     try:
-        return len(os.sched_getaffinity(0))  # what this process (container, taskset) may use
-    except AttributeError:
-        return os.cpu_count() or 1
+        ranks = Ranks.start()
+    except Exception as e:  # horovod.mxnet missing or not built with MXNet: the horovod line says more
+        rank = int(next((os.environ[v] for v in Ranks.LAUNCHER_RANK_VARIABLES if v in os.environ), "0"))
+        return rank, 1, Result("failure", "collectives", f"Horovod does not start: {type(e).__name__}: {e}",
+                               "bash tools/setup.sh builds Horovod against this mxnet")
+    hvd = ranks.horovod
+    ctx = mx.gpu(ranks.local_rank) if on_gpus else mx.cpu()
+    problem = ""
+    try:
+        mine = mx.nd.arange(4, ctx=ctx) + 10 * ranks.rank  # rank r holds [10r, 10r+1, 10r+2, 10r+3]
+        total = hvd.allreduce(mine, op=hvd.Sum, name="doctor.allreduce").asnumpy().tolist()
+        n = ranks.size
+        expected = [n * i + 10 * n * (n - 1) / 2 for i in range(4)]
+        if total != expected:
+            problem = f"rank {ranks.rank}: allreduce gave {total}, expected {expected}"
+        sent = mx.nd.full((3,), 7 + ranks.rank, ctx=ctx)
+        hvd.broadcast_(sent, root_rank=0, name="doctor.broadcast")
+        if not problem and sent.asnumpy().tolist() != [7.0] * 3:
+            problem = f"rank {ranks.rank}: broadcast from rank 0 gave {sent.asnumpy().tolist()}, expected [7.0] * 3"
+    except Exception as e:  # a collective that fails here would fail the first step of training
+        problem = f"rank {ranks.rank}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+    failed = ranks.allreduce_sum(1.0 if problem else 0.0, "doctor.verdict")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+    library = "NCCL" if on_gpus and hvd.nccl_built() else ("Gloo" if hvd.gloo_enabled() else "MPI")
+    where = f"{ranks.size} ranks ({ranks.local_size} on this machine), {'each on its GPU' if on_gpus else 'on CPUs'}"
+    if failed:
+        result = Result("failure", "collectives", f"allreduce / broadcast across {where} via {library}: "
+                                                  f"{int(failed)} rank(s) got wrong values or failed (each says "
+                                                  "which on stderr)", "check the network between the machines "
+                                                                      "and horovodrun's -H; see the errors")
+    else:
+        result = Result("ok", "collectives", f"allreduce and broadcast of known tensors across {where} via "
+                                             f"{library}: every rank got the expected values")
+    rank, local_size = ranks.rank, ranks.local_size
+    hvd.shutdown()  # every rank together: rank 0's checks below need no collective
+    return rank, local_size, result
 
 
-def check_threads(ranks: int, threads: int, cores: int, image_size: int = 224) -> list[Result]:
-    """The trainer's default is cores // ranks decode threads per rank (train.py --threads)."""
-    per_rank = threads or max(1, cores // ranks)
+# ------------------------------------------------------------------------------------------------ threads
+def check_threads(ranks: int, threads: int, cores: int | None = None, image_size: int = 224) -> list[Result]:
+    """Decode threads per rank by the trainer's own rule (devices.decode_threads); `cores` stands in for this
+    process's affinity mask (tests), else the real mask and cgroup quota are read."""
+    from gluon_imagenet.devices import decode_threads
+
+    decode = decode_threads(ranks, threads, **({"affinity": cores} if cores else {}))
+    per_rank = decode.threads
     rate = per_rank * IMAGES_PER_DECODE_THREAD_224 * (224 / image_size) ** 2
-    detail = (f"{per_rank} decode thread(s) per rank x {ranks} rank(s) on {cores} core(s): roughly {rate:,.0f} "
-              f"img/s per rank at {image_size} px (~{IMAGES_PER_DECODE_THREAD_224} img/s per thread at 224 px)")
-    if per_rank * ranks > cores:
-        return [Result("warning", "threads", detail + ": more threads than cores",
-                       f"--threads {max(1, cores // ranks)} (or fewer ranks per machine)")]
+    detail = (f"{decode} x {ranks} rank(s) on {decode.cpus} usable CPU(s): roughly {rate:,.0f} img/s per rank at "
+              f"{image_size} px (~{IMAGES_PER_DECODE_THREAD_224} img/s per thread at 224 px)")
+    if threads and decode.capped:
+        return [Result("warning", "threads", detail, f"--threads {per_rank}: more are not started")]
+    if per_rank * ranks > decode.cpus:
+        return [Result("warning", "threads", detail + ": more threads than CPUs",
+                       f"--threads {max(1, decode.cpus // ranks)} (or fewer ranks per machine)")]
     if per_rank < 2:
         return [Result("warning", "threads", detail + ": input will likely limit training",
                        "measure with `python -m gluon_imagenet.train ... --io-only`; more cores per rank")]
@@ -453,22 +459,42 @@ def check_threads(ranks: int, threads: int, cores: int, image_size: int = 224) -
 
 
 # ------------------------------------------------------------------------------------------------ data
-def check_data(recipe_path: str, data_root: str) -> tuple[list[Result], object, list[str] | None]:
-    """(results, the recipe or None, the class names or None)."""
+def load_recipe_file(recipe_path: str) -> tuple[object, list[Result]]:
+    """(the recipe, []) or (None, [the one failure]): the file itself, before any packed data is looked at."""
+    from gluon_imagenet.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe_path), []
+    except RecipeError as e:
+        fix = ("give the path of a recipe file, e.g. --recipe recipes/imagenet104.yaml" if not
+               os.path.isfile(recipe_path) else "fix that field of the recipe (the README's Recipes section lists "
+                                                "the fields and what they allow)")
+        return None, [Result("failure", "recipe", str(e), fix)]
+
+
+def check_data(recipe_path: str, data_root: str) -> tuple[list[Result], list[str] | None]:
+    """(results, the class names or None) for a recipe that loads: its packed data as the trainer checks it
+    (recipe checks with the data root, then packed.check_for, the trainer's own check), the evaluation split
+    the sweep reads, and the first record of each split decoded."""
+    from gluon_imagenet.packed import check_for
     from gluon_imagenet.recipe import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(recipe_path, data_root=data_root)
-    except RecipeError as e:
+    except RecipeError as e:  # the file itself loaded: what is wrong now is the packed data
         return [Result("failure", "data", str(e), "pack the data: python tools/im2rec_multi.py SRC --root "
-                                                  f"{data_root} --sizes ...")], None, None
+                                                  f"{data_root} --sizes ...")], None
+    problems = check_for(recipe, data_root, eval_split=True)
+    if problems:
+        return [Result("failure", "data", problem, "pack it again with tools/im2rec_multi.py (then --verify)")
+                for problem in problems], None
     try:
         from gluon_imagenet.data import DataError, read_class_names, train_images_for
 
         classes = read_class_names(data_root)
         images = train_images_for(data_root, [p.data_dir for p in recipe.phases])
     except (DataError, OSError, ValueError) as e:
-        return [Result("failure", "data", str(e), "re-pack with tools/im2rec_multi.py")], recipe, None
+        return [Result("failure", "data", str(e), "re-pack with tools/im2rec_multi.py")], None
     out = []
     dirs = [(d, "train") for d in sorted({p.data_dir for p in recipe.phases})]
     dirs.append((recipe.resolved_eval_data_dir, "val"))
@@ -479,8 +505,9 @@ def check_data(recipe_path: str, data_root: str) -> tuple[list[Result], object, 
                                                                               "(--verify checks a pack)"))
     if not out:
         out.append(Result("ok", "data", f"{recipe_path}: {len(classes)} classes, {images:,} training images; "
-                                        f"{', '.join(f'{d}/{s}.rec' for d, s in dirs)} read and decoded"))
-    return out, recipe, classes
+                                        f"{', '.join(f'{d}/{s}.rec' for d, s in dirs)} checked as the trainer "
+                                        "checks them, first records decoded"))
+    return out, classes
 
 
 def _first_record_problem(data_root: str, data_dir: str, split: str) -> str:
@@ -521,6 +548,31 @@ def checkpoint_bytes(model: str, classes: int) -> int:
     total = sum(p.data().size for p in params.values())
     trainable = sum(p.data().size for p in params.values() if p.grad_req != "null")
     return (total + trainable) * BYTES_PER_VALUE + CHECKPOINT_OVERHEAD_BYTES
+
+
+def check_run_dir(run_dir: str) -> list[Result]:
+    """Whether the trainer can write there: a probe file is written (and removed at once) in the run dir, or,
+    when it does not exist yet, in the folder the trainer would create it in; nothing else is created."""
+    fix = "give a --run-dir on a writable file system, as a folder (the trainer creates it)"
+    path = os.path.abspath(run_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [Result("failure", "run dir", f"{run_dir} exists and is not a folder", fix)]
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [Result("failure", "run dir", f"{run_dir}: {existing} is not a folder, so it cannot be created", fix)]
+    probe = os.path.join(existing, f".doctor-write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("probe")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        return [Result("failure", "run dir", f"{run_dir}: cannot write in {existing} ({e.strerror or e})", fix)]
+    where = "in it" if existing == path else f"in {existing}, where it will be created"
+    return [Result("ok", "run dir", f"{run_dir}: writable (a probe file was written {where} and removed)")]
 
 
 def free_bytes(path: str) -> int:
@@ -571,10 +623,10 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-CHECKS = ("versions", "features", "gpus", "amp", "horovod", "threads", "data", "disk")
+CHECKS = ("versions", "features", "gpus", "amp", "horovod", "threads", "data", "disk", "memory")
 
 
-def run_checks(args) -> list[Result]:
+def run_checks(args, collectives: Result | None = None) -> list[Result]:
     wanted = set(args.checks.split(",")) if args.checks else set(CHECKS)
     results: list[Result] = []
     gpus, how = list_gpus()
@@ -589,6 +641,8 @@ def run_checks(args) -> list[Result]:
         results += check_amp(gpus, args.model)
     if "horovod" in wanted:
         results += check_horovod(gpus, ranks)
+        results.append(collectives or Result("info", "collectives", "not checked: run the doctor under horovodrun "
+                                                                    "(horovodrun -np N python -m gluon_imagenet.doctor)"))
     if gpus and "features" in wanted:
         from gluon_imagenet.gpu_settings import settings_for
 
@@ -596,28 +650,37 @@ def run_checks(args) -> list[Result]:
         results.append(Result("info", "environment", f"a GPU run sets {len(applied)} MXNet/Horovod variables you have "
                                                      "not set: python -m gluon_imagenet.gpu_settings gpu"))
     if "threads" in wanted:
-        results += check_threads(ranks, args.threads, usable_cores())
-    recipe, classes = None, None
-    if {"data", "disk"} & wanted:
-        if args.recipe and args.data_root:
-            data_results, recipe, classes = check_data(args.recipe, args.data_root)
+        results += check_threads(ranks, args.threads)
+    recipe, classes, recipe_results = None, None, []
+    if args.recipe and {"data", "disk", "memory"} & wanted:
+        recipe, recipe_results = load_recipe_file(args.recipe)
+        results += recipe_results  # reported once; the checks that need the recipe say they were skipped
+    not_loaded = "not checked: the recipe did not load (see the recipe line)"
+    if "data" in wanted or ("memory" in wanted and recipe is not None):
+        if recipe is not None and args.data_root:
+            data_results, classes = check_data(args.recipe, args.data_root)
             if "data" in wanted:
                 results += data_results
         elif "data" in wanted:
-            results.append(Result("info", "data", "not checked: give --recipe and --data-root"))
+            results.append(Result("info", "data", not_loaded if recipe_results else
+                                  "not checked: give --recipe and --data-root"))
     if "disk" in wanted:
-        if recipe is None and args.recipe:
-            from gluon_imagenet.recipe import RecipeError, load_recipe
-
-            try:
-                recipe = load_recipe(args.recipe)
-            except RecipeError as e:
-                results.append(Result("failure", "recipe", str(e), "fix the recipe"))
+        if args.run_dir:
+            results += check_run_dir(args.run_dir)
         if recipe is not None and args.run_dir:
             results += check_disk(args.run_dir, recipe.total_epochs, checkpoint_bytes(args.model,
                                                                                       len(classes or []) or 1000))
         else:
-            results.append(Result("info", "disk", "not checked: give --recipe and --run-dir"))
+            results.append(Result("info", "disk", not_loaded if recipe_results else
+                                  "not checked: give --recipe and --run-dir"))
+    if "memory" in wanted:
+        if recipe is not None:
+            from gluon_imagenet.memory_probe import check_memory
+
+            results += check_memory(recipe, args.model, len(classes or []) or 1000, gpus, amp=not args.no_amp,
+                                    ranks=ranks)
+        else:
+            results.append(Result("info", "memory", not_loaded if recipe_results else "not checked: give --recipe"))
     return results
 
 
@@ -629,10 +692,10 @@ def parse_args(argv):
     p.add_argument("--run-dir", help="the run folder: checks its free space against the plan's checkpoints")
     p.add_argument("--ranks", type=int, default=0, help="training processes on this machine (default: GPUs, or 1)")
     p.add_argument("--threads", type=int, default=0, help="decode threads per rank, as given to train (default: "
-                                                          "cores per rank)")
+                                                          "the trainer's rule: usable CPUs per rank)")
     p.add_argument("--model", choices=MODELS, default="resnet50_v1b", help="network for the step and the sizes")
+    p.add_argument("--no-amp", action="store_true", help="the memory probe in float32, as train --no-amp")
     p.add_argument("--checks", help=f"comma-separated subset of {','.join(CHECKS)} (default: all)")
-    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one device's AMP step, in a child process
     args = p.parse_args(argv)
     if args.checks and not set(args.checks.split(",")) <= set(CHECKS):
         p.error(f"--checks {args.checks}: use names from {','.join(CHECKS)}")
@@ -643,10 +706,20 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.probe:
-        print(json.dumps(probe(args.probe, args.model)), flush=True)
-        return 0
-    results = run_checks(args)
+    from gluon_imagenet.engine_env import problem as engine_problem
+
+    if engine_problem(os.environ):  # MXNet would abort (exit 134) or hang on it in every check below
+        print(f"error: {engine_problem(os.environ)}", file=sys.stderr, flush=True)
+        return 2
+    from gluon_imagenet.dist import Ranks
+
+    collectives = None
+    if any(name in os.environ for name in Ranks.LAUNCHER_RANK_VARIABLES) and "horovod" in (args.checks or "horovod"):
+        rank, local_size, collectives = check_collectives(bool(list_gpus()[0]))
+        if rank != 0:  # rank 0 runs every other check once, for the machine; the others are done
+            return 0 if collectives.status == "ok" else 1
+        args.ranks = args.ranks or local_size
+    results = run_checks(args, collectives)
     print(format_table(results), flush=True)
     return 1 if any(r.status == "failure" for r in results) else 0
 

@@ -18,9 +18,10 @@ Read but not applied:
   MXNET_UPDATE_ON_KVSTORE=0 (runner line 71): the toolkit's trainers use no kvstore (Horovod's DistributedTrainer,
     or kvstore=None), so there is nothing to update on.
   HOROVOD_BATCH_D2D_MEMCOPIES=1 (runner line 87): already Horovod 0.28.1's default (common/global_state.h line 109).
-  MXNET_EXEC_ENABLE_ADDTO, MXNET_ASYNC_GPU_ENGINE, MXNET_HOROVOD_NUM_GROUPS, HOROVOD_GROUPED_ALLREDUCES (runner
-    lines 72, 79, 84, 88): no upstream MXNet 1.9.1 or Horovod 0.28.1 code reads them (they are for NVIDIA's own
-    builds, whose source was not read); set them yourself inside NVIDIA's container to match its runner exactly.
+  MXNET_EXEC_ENABLE_ADDTO, MXNET_HOROVOD_NUM_GROUPS, HOROVOD_GROUPED_ALLREDUCES (runner lines 72, 84, 88): no
+    upstream MXNet 1.9.1 or Horovod 0.28.1 code reads them (they are for NVIDIA's own builds, whose source was not
+    read); set them yourself inside NVIDIA's container to match its runner exactly.
+  (MXNET_ASYNC_GPU_ENGINE, runner line 79, is applied: Horovod 0.28.1 reads it, see GPU_SETTINGS.)
   HOROVOD_NUM_NCCL_STREAMS: Horovod reads it (common/operations.cc line 465; default 1 stream, global_state.h line
     92), but no source read recommends another value; `horovodrun --num-nccl-streams N` sets it.
   OMP_NUM_THREADS=1 (runner line 89): it would also bound the CPU work of the input pipeline, which the toolkit
@@ -67,9 +68,18 @@ GPU_SETTINGS = (
     Setting("HOROVOD_FUSION_THRESHOLD", "67108864", f"{NVIDIA_RUNNER} line 78", horovod=True),
     Setting("HOROVOD_CYCLE_TIME", "0.1", f"{NVIDIA_RUNNER} line 77", horovod=True),
     # Finish GPU allreduces with an event instead of a blocking wait in Horovod's finalizer thread (read by
-    # common/operations.cc line 619, used in common/ops/gpu_operations.cc lines 64-135; for MXNet,
-    # horovod/mxnet/mpi_ops.cc synchronises on that event before the result is used). Default off.
+    # common/operations.cc line 619, used in common/ops/gpu_operations.cc lines 64-135). Default off. What MXNet
+    # then does with the event is the next setting's business.
     Setting("HOROVOD_ENABLE_ASYNC_COMPLETION", "1", f"{NVIDIA_RUNNER} line 85"),
+    # Horovod 0.28.1 reads it: horovod/mxnet/mpi_ops.cc line 222 (dmlc::GetEnv, default false), in the completion
+    # callback of every MXNet collective. Set, it hands Horovod's CUDA event to the output array's sync object so
+    # that MXNet's engine waits for it on the GPU (lines 218-259); unset, the callback blocks its thread in
+    # gpuEventSynchronize (line 261) before MXNet may use the result. That code is compiled only against an MXNet
+    # whose headers define MXNET_ASYNC_GPU_ENGINE_SUPPORTED (or MXNet >= 2: mpi_ops.cc lines 27-29), as NVIDIA's
+    # MXNet builds with the asynchronous GPU engine do (their source was not read); upstream 1.9.1 does not
+    # (include/mxnet/base.h: MXNET_MAJOR 1, no such define), so with pip's mxnet-cu117 nothing reads it. Applied
+    # as NVIDIA's runner sets it for its own container, the one place where it changes anything.
+    Setting("MXNET_ASYNC_GPU_ENGINE", "1", f"{NVIDIA_RUNNER} line 79; horovod/mxnet/mpi_ops.cc line 222 (v0.28.1)"),
 )
 
 DEVICE_KINDS = ("cpu", "gpu")

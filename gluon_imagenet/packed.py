@@ -96,3 +96,23 @@ def resize_chain(data_root: str, data_dir: str, split: str) -> list[int] | None:
     if isinstance(chain, list) and chain and all(isinstance(s, int) and s > 0 for s in chain):
         return chain
     return None
+
+
+def check_for(recipe, data_root: str, eval_split: bool = False) -> list[str]:
+    """The check of a recipe's packed data that the trainer makes before it starts, and the doctor with it (one
+    rule, so the doctor never passes data the trainer refuses): pack.check_packed_split of each training
+    folder's train split (and, with eval_split, of the evaluation folder's val split, which the sweep reads).
+    Returns one problem per damaged split, naming it and the fix; empty when all pass."""
+    from gluon_imagenet.pack import check_packed_split
+
+    splits = [(data_dir, "train") for data_dir in sorted({p.data_dir for p in recipe.phases})]
+    if eval_split:
+        splits.append((recipe.resolved_eval_data_dir, "val"))
+    problems = []
+    for data_dir, split in splits:
+        # A damaged .rec would abort the process in MXNet's reader (dmlc `Check failed: kMagic`) mid-training.
+        found = check_packed_split(os.path.join(data_root, data_dir), split)
+        if found:
+            what = repr(data_dir) if split == "train" else f"{data_dir!r} ({split})"
+            problems.append(f"packed data {what} is damaged: " + "; ".join(found))
+    return problems

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 
 from gluon_imagenet import best, checkpoint, locks, packed, retention, stops
-from gluon_imagenet.devices import Device
+from gluon_imagenet.devices import Device, decode_threads, usable_cpus
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
 from gluon_imagenet.sweep_results import REQUIRED_FIELDS, RESULT_FIELDS, ResultStore  # noqa: F401
 from gluon_imagenet.sweep_report import (SEED_TARGET_TOP1, SEED_TARGET_TOP5, best_row, describe_target,  # noqa: F401
@@ -451,7 +451,7 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> tu
     On any way out (a stop included) the workers are killed: they ignore SIGINT and SIGTERM."""
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
     results = context.Queue()
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    threads = decode_threads(len(devices)).threads  # the trainer's and the doctor's rule
     processes = []
     try:
         for i, device in enumerate(devices):
@@ -661,7 +661,7 @@ def sweep_main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus()[0] // len(devices))))
     sweep.store = ResultStore(args.run_dir)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
           f"policy {args.size_policy}, data {data_root}")

@@ -59,7 +59,8 @@ def parse_args(argv):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: float16 with dynamic loss scaling on GPUs (default there), bfloat16 on "
                         "CPUs that have bfloat16 instructions (default off on CPUs)")
-    p.add_argument("--threads", type=int, default=0, help="decode threads per rank (default: cores per rank)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="decode threads per rank (default: usable CPUs per rank, within ImageRecordIter's cap)")
     p.add_argument("--lr-scaling", choices=LR_SCALING_RULES, help="override the recipe's lr scaling rule")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     p.add_argument("--keep-mid-epoch", type=int, default=2,
@@ -71,6 +72,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", action="store_true", help="measure compute img/s per phase on random data")
     p.add_argument("--io-only", action="store_true", help="measure input img/s per phase, no model")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="one step of each phase not yet trained, in a child process, before training: refuses a "
+                        "phase that will not fit (default: on GPUs)")
     p.add_argument("--bench-steps", type=int, default=20, help="steps per phase for --synthetic/--io-only")
     return p.parse_args(argv)
 
@@ -104,14 +108,12 @@ def prepare(args, ranks) -> Setup:
     from gluon_imagenet.data import input_buffer_bytes, read_class_names, train_images_for
     from gluon_imagenet.schedule import check_batches_fit, make_plan
 
-    from gluon_imagenet.pack import check_packed_split
+    from gluon_imagenet.packed import check_for
 
     recipe = load_recipe(args.recipe, data_root=args.data_root, require_val=False)  # the trainer reads no val
-    for data_dir in sorted({p.data_dir for p in recipe.phases}):
-        # A damaged .rec would abort the process in MXNet's reader (dmlc `Check failed: kMagic`) mid-training.
-        problems = check_packed_split(os.path.join(args.data_root, data_dir), "train")
-        if problems:
-            raise SetupError(f"packed data {data_dir!r} is damaged: " + "; ".join(problems))
+    problems = check_for(recipe, args.data_root)  # the doctor's data check too
+    if problems:
+        raise SetupError("; ".join(problems))
     classes = read_class_names(args.data_root)
     plan = make_plan(recipe, train_images_for(args.data_root, [p.data_dir for p in recipe.phases]), ranks.size,
                      lr_scaling=args.lr_scaling)
@@ -122,9 +124,11 @@ def prepare(args, ranks) -> Setup:
         amp_dtype = devices.check_amp(device) if amp_on else None
     except devices.DeviceError as e:
         raise SetupError(str(e)) from None
-    threads = args.threads or max(1, (os.cpu_count() or 1) // ranks.local_size)
+    decode = devices.decode_threads(ranks.local_size, args.threads)  # the rule the sweep and the doctor use
+    if decode.capped:
+        ranks.print(f"note: {decode}")
     _check_memory(plan, ranks.local_size, input_buffer_bytes)
-    return Setup(plan, classes, device, amp_dtype, threads)
+    return Setup(plan, classes, device, amp_dtype, decode.threads)
 
 
 def _check_memory(plan, local_ranks: int, buffer_bytes) -> None:
@@ -247,8 +251,12 @@ def _main(argv: list[str] | None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    from gluon_imagenet import engine_env, gpu_settings
+
+    if engine_env.problem(os.environ):  # before MXNet starts: it would abort or hang holding train.lock
+        print(f"error: {engine_env.problem(os.environ)}", file=sys.stderr, flush=True)
+        return 2
     # MXNet and Horovod read these when they start: set them before either is imported (nothing on a CPU).
-    from gluon_imagenet import gpu_settings
 
     kind = gpu_settings.device_kind_before_import(args.ctx)
     choices = gpu_settings.settings_for(kind, os.environ)
@@ -292,6 +300,9 @@ def _main(argv: list[str] | None) -> int:
         except SetupError as e:
             problem = str(e)
         if stop_together(problem, "resume_check"):
+            return 2
+        from gluon_imagenet.memory_probe import trainer_check  # each phase not yet trained, before any is
+        if stop_together(trainer_check(args, setup, ranks, resume_from), "memory_check"):
             return 2
         if ranks.is_main:
             write_run_json(args, setup, ranks, environment, resume_from)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import TWO_PHASES, run_tool, write_recipe
-from gluon_imagenet import doctor, gpu_settings
+from gluon_imagenet import devices, doctor, gpu_settings
 from gluon_imagenet.devices import cpu_supports_bfloat16
 
 SMALL = ["--model", "resnet18_v1b"]  # the small network keeps the real training step quick
@@ -26,8 +26,16 @@ def test_all_checks_pass_here(packed_root, tmp_path):
     proc = doctor_cmd("--recipe", recipe, "--data-root", packed_root, "--run-dir", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for check in ("python", "mxnet", "numpy", "gluoncv", "horovod", "horovod.mxnet", "threads", "data", "disk"):
+    for check in ("python", "mxnet", "numpy", "gluoncv", "horovod", "horovod.mxnet", "data", "disk", "run", "memory",
+                  "checkpoint"):
         assert lines_of(out, check) and lines_of(out, check)[0].startswith("ok "), (check, out)
+    # On 2 CPUs ImageRecordIter starts 1 decode thread (its cap: half the CPUs), which the doctor now says, with
+    # the warning that input will limit training; the count is the trainer's (devices.decode_threads).
+    assert f" {devices.decode_threads(1).threads} decode thread(s) per rank" in lines_of(out, "threads")[0], out
+    assert len(lines_of(out, "memory")) == 2  # one line per phase, each the real peak of a real step
+    for line in lines_of(out, "memory"):
+        peak_mib = float(line.split(" needs ")[1].split(" MiB")[0].replace(",", ""))
+        assert 100 < peak_mib < 8000 and "(available host memory)" in line, line
     assert "no GPU: CPU training" in out
     assert "+OPENCV" in out
     assert "240 training images" in out  # 10 classes x 24, read from the packed data
@@ -36,6 +44,7 @@ def test_all_checks_pass_here(packed_root, tmp_path):
     else:  # AMP is unavailable here: said so, and a float32 step still runs for real
         assert "AMP is unavailable on this CPU" in out and lines_of(out, "float32")[0].startswith("ok "), out
     assert "0 failure(s)" in out
+    assert "ok       collectives" not in out and "not checked: run the doctor under horovodrun" in out
     assert not os.path.exists(tmp_path / "run")  # the doctor creates nothing
 
 

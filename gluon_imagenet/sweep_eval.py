@@ -397,8 +397,9 @@ def worker_main(device: Device, jobs: list[Job], threads: int, results) -> None:
         results.put(("done", job.key, row))
 
 
-def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> dict[str, str]:
-    """Round-robin over devices; results stored as they arrive. Returns the errors by job key."""
+def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore", board=None) -> dict[str, str]:
+    """Round-robin over devices; results stored (and drawn on the TensorBoard `board`) as they arrive. Returns the
+    errors by job key."""
     from tqdm import tqdm
 
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
@@ -429,6 +430,8 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> di
         pending.discard(key)
         if kind == "done":
             store.add(key, payload)
+            if board is not None:
+                board.add(payload)
             images += payload["images"]
             bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
         else:
@@ -675,6 +678,7 @@ class Sweep:
         self.failed: dict[str, str] = {}  # job key -> error: not tried again while watching
         self.said: set = set()
         self.passes = 0
+        self.board = None  # tensorboard.SweepBoard
 
     def plan(self) -> None:
         self.jobs, bad, self.good = plan_jobs(self.args, self.run, self.data_root, self.verifier)
@@ -695,7 +699,7 @@ class Sweep:
         if len(todo) < len(self.jobs) and not self.passes:
             print(f"{len(self.jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
         self.passes += 1
-        errors = run_jobs(todo, self.devices, self.store) if todo else {}
+        errors = run_jobs(todo, self.devices, self.store, self.board) if todo else {}
         for key, why in errors.items():
             print(f"failed: {key}: {why}", file=sys.stderr)
         self.failed.update(errors)
@@ -755,6 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
     sweep.store = ResultStore(args.run_dir)
+    from gluon_imagenet.tensorboard import open_sweep_board
+
+    sweep.board = open_sweep_board(run, args.run_dir, args)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
           f"policy {args.size_policy}, data {data_root}")
     sweep.evaluate()

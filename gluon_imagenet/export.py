@@ -11,6 +11,8 @@ size and preprocessing, and where it came from.
     model-symbol.json, model-0000.params   MXNet's HybridBlock.export: load with mx.gluon.SymbolBlock.imports
     model.json      classes, input (uint8 RGB NCHW, normalised inside the graph), size and preprocessing
     provenance.json run dir, checkpoint, step, epoch, recipe, sweep accuracy, git revision, versions
+    model.onnx      with --onnx: the same network for onnxruntime (see gluon_imagenet/onnx_export.py), checked
+                    against MXNet's scores before the folder is installed
 
 The input size and centre crop are those of the sweep result that evaluated the checkpoint (the best one when
 it was evaluated at several sizes), else the recipe's evaluation size with a 0.875 crop. The folder is written
@@ -189,7 +191,7 @@ def out_dir_for(args, name: str) -> str:
 
 
 def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size: int, preprocess: dict,
-                 provenance: dict) -> None:
+                 provenance: dict, with_onnx: bool = False) -> None:
     """Build the network, load the checkpoint, run one forward pass, export; then check the folder loads."""
     import mxnet as mx
     import numpy as np
@@ -229,6 +231,15 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
     if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"the exported graph disagrees with the checkpoint (max difference "
                            f"{np.abs(got - expected).max():.3g})")
+    if with_onnx:
+        from gluon_imagenet import onnx_export
+
+        # Two batch sizes: the ONNX batch dimension must really be dynamic.
+        probes = [probe.asnumpy(), np.random.default_rng(1).integers(0, 256, (3, 3, image_size, image_size),
+                                                                     dtype=np.uint8)]
+        meta["onnx"] = onnx_export.write(folder, PREFIX, image_size, net, probes)
+        with open(os.path.join(folder, MODEL_JSON), "w") as f:
+            json.dump(meta, f, indent=1)
 
 
 def install(temp: str, out: str) -> bool:
@@ -253,6 +264,13 @@ def export(args) -> str:
     name, how, best = choose(args, rows)
     ckpt = verified(args.run_dir, name)
     out = out_dir_for(args, name)
+    if args.onnx:
+        from gluon_imagenet.onnx_export import OnnxUnavailable, check_available
+
+        try:
+            check_available()
+        except OnnxUnavailable as e:
+            raise ExportError(f"--onnx: {e}") from None
     image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best)
     data_root = args.data_root or (row or {}).get("data_root") or run.get("data_root") or "recordio"
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
@@ -275,7 +293,7 @@ def export(args) -> str:
     temp = os.path.join(parent, f".{os.path.basename(out)}.partial-{os.getpid()}")
     os.makedirs(temp)
     try:
-        write_folder(temp, run, ckpt, image_size, preprocess, provenance)
+        write_folder(temp, run, ckpt, image_size, preprocess, provenance, args.onnx)
         replaced = install(temp, out)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
@@ -284,7 +302,13 @@ def export(args) -> str:
     print(f"{name} (step {ckpt.step}, epoch {ckpt.record.get('epoch', 0):.2f}{top}) chosen by {how}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
           f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run['classes'])} classes")
-    print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE...")
+    if args.onnx:
+        from gluon_imagenet.onnx_export import OPSET, TOLERANCE
+
+        print(f"also {os.path.join(out, 'model.onnx')} (opset {OPSET}, dynamic batch): onnxruntime's scores equal "
+              f"MXNet's within {TOLERANCE:g} x the scores' scale")
+    print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE..." +
+          (" (add --runtime onnx for onnxruntime)" if args.onnx else ""))
     return out
 
 
@@ -298,6 +322,7 @@ def parse_args(argv):
     p.add_argument("--out", help="model folder to write (default: RUN_DIR/export/<checkpoint>)")
     p.add_argument("--data-root", help="packed data root, for the packer's settings (default: the run's, from "
                    "run.json)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
     return p.parse_args(argv)
 
 

@@ -161,6 +161,10 @@ else
   "${pip[@]}" install -q -c requirements/constraints.txt -e ".[$device,test]" wheel
 fi
 
+# onnxruntime asks for numpy >= 1.24.2 (which breaks mxnet) but runs on numpy 1.23.5: installed without its
+# dependencies, which setup.cfg pins.
+"${pip[@]}" install -q --no-deps onnxruntime==1.16.3
+
 if [ "$device" != system ]; then
   py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   cache=${GLUON_IMAGENET_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gluon_imagenet/wheels}

@@ -162,8 +162,8 @@ else
 fi
 
 # onnxruntime asks for numpy >= 1.24.2 (which breaks mxnet) but runs on numpy 1.23.5: installed without its
-# dependencies, which setup.cfg pins.
-"${pip[@]}" install -q --no-deps onnxruntime==1.16.3
+# dependencies, which setup.cfg pins. An interpreter's own onnxruntime (system) is kept.
+"$venv/bin/python" -c 'import onnxruntime' 2>/dev/null || "${pip[@]}" install -q --no-deps onnxruntime==1.16.3
 
 if [ "$device" != system ]; then
   py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')

@@ -14,8 +14,8 @@ DIR (the trainer's --tensorboard, default RUN_DIR/tensorboard) holds one TensorB
 
 Records are written synchronously when the trainer already holds them (at its log steps, where the losses are
 read back anyway): no thread, no queue, no device sync of their own, and what was logged is on disk even after a
-SIGKILL. A resumed run writes a new file that starts with TensorBoard's purge marker (SessionLog START at the
-first step trained again), so the steps trained again replace the old ones instead of being drawn twice;
+SIGKILL. Every trainer start writes a new file that begins with TensorBoard's purge marker (SessionLog START at
+its first step), so after a resume the steps trained again replace the old ones instead of being drawn twice;
 read_scalars() applies the marker as TensorBoard does.
 
 Without tensorboardX the run goes on without event files, after one warning naming the install command.
@@ -87,8 +87,9 @@ class TrainingBoard:
 
     def __init__(self, logdir: str, start_step: int, plan, ranks: int):
         self.plan, self.ranks = plan, ranks
-        # Step start_step + 1 is the first one drawn again (x = steps done): older points there are purged.
-        self.file = open_event_file(os.path.join(logdir, TRAIN_RUN), start_step + 1 if start_step else None)
+        # Step start_step + 1 is the first one drawn (x = steps done): points there and after, left by an earlier
+        # attempt (resumed from an older checkpoint, or one that died before its first), are purged.
+        self.file = open_event_file(os.path.join(logdir, TRAIN_RUN), start_step + 1)
         if self.file is not None:
             print(f"TensorBoard event files in {logdir} (tensorboard --logdir {logdir})", flush=True)
 

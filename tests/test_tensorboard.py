@@ -7,7 +7,10 @@ import shutil
 import pytest
 
 from conftest import TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
-from gluon_imagenet.tensorboard import read_events, read_scalars
+from gluon_imagenet.progress import StepRecord
+from gluon_imagenet.schedule import make_plan
+from gluon_imagenet.recipe import load_recipe
+from gluon_imagenet.tensorboard import TrainingBoard, read_events, read_scalars
 
 
 def test_training_curves_match_the_log(single_run):
@@ -77,3 +80,16 @@ def test_a_run_without_tensorboardx_trains_and_says_how_to_get_it(packed_root, t
     assert "pip install -c requirements/constraints.txt tensorboardX==" in proc.stderr
     assert not os.path.exists(os.path.join(run_dir, "tensorboard"))
     assert len(metrics(run_dir)) == 15 and glob.glob(os.path.join(run_dir, "ckpt-*.params"))
+
+
+def test_a_restart_from_step_0_replaces_the_points_of_a_run_that_died_before_its_first_checkpoint(tmp_path):
+    """No checkpoint to resume from: the new attempt starts at step 0 and its points replace the dead one's."""
+    recipe = load_recipe(write_recipe(str(tmp_path)))
+    plan = make_plan(recipe, 240, 1)
+    for attempt, steps in ((1.0, 5), (2.0, 3)):
+        board = TrainingBoard(str(tmp_path / "tb"), 0, plan, 1)
+        for step in range(steps):
+            board.add(StepRecord(step, 0, 0, 0.1, attempt + step, float(step)), None, 1e9 + step)
+        board.flush()
+    loss = read_scalars(str(tmp_path / "tb" / "train"))["train/loss"]
+    assert loss == [(1, 2.0), (2, 3.0), (3, 4.0)]

@@ -86,3 +86,16 @@ def test_export_onnx_without_onnxruntime_exits_2_before_writing(single_run, tmp_
     assert proc.stderr.startswith("error: --onnx: onnxruntime is not installed") and "Traceback" not in proc.stderr
     assert "pip install --no-deps onnxruntime==1.16.3" in proc.stderr
     assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+def test_runtime_onnx_without_onnxruntime_exits_2_naming_the_install(onnx_exported, shapes_tree, tmp_path):
+    out, _, _ = onnx_exported
+    hidden = tmp_path / "hidden" / "onnxruntime"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'onnxruntime'\")\n")
+    image = val_images(shapes_tree)[0][0]
+    proc = run_tool(["-m", "gluon_imagenet.predict", out, image, "--runtime", "onnx"],
+                    env=dict(os.environ, PYTHONPATH=str(tmp_path / "hidden")))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: --runtime onnx: onnxruntime is not installed") and "Traceback" not in proc.stderr
+    assert "pip install --no-deps onnxruntime==1.16.3" in proc.stderr and proc.stdout == ""

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SweepError(f"{flag} {value:g}: must be an accuracy in [0, 1], e.g. 0.7 for 70%")
         run = read_run(args.run_dir)
     except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).replace('--run-dir ', 'run folder ', 1)}", file=sys.stderr)  # the sweep's words
         return 2
     out = args.out or os.path.join(args.run_dir, "report.png")
     draw(args.run_dir, run, resolve_targets(args.target_top5, args.target_top1), out)

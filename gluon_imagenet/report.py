@@ -109,8 +109,8 @@ def header(run: dict, record: dict, metrics: list[dict]) -> str:
     total = run["phases"][-1]["end_step"]
     done = record.get("step", metrics[-1]["step"] + 1 if metrics else 0)
     amp = run.get("amp_dtype") or "off"
-    return (f"{run['recipe'].get('name', '?')}  ·  {run.get('model', '?')}  ·  {run.get('world_size', '?')} worker(s) "
-            f"on {run.get('device', '?')}  ·  AMP {amp}\n"
+    return (f"{run['recipe'].get('name', '?')}  ·  {run.get('model', '?')}  ·  "
+            f"{run.get('world_size', '?')} worker(s) on {run.get('device', '?')}  ·  AMP {amp}\n"
             f"step {done}/{total}  ·  wall {duration(record.get('wall_seconds'))}  ·  training "
             f"{duration(record.get('train_seconds'))}")
 

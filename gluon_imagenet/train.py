@@ -68,7 +68,8 @@ def parse_args(argv):
     p.add_argument("--nan-patience", type=int, default=10,
                    help="stop after this many consecutive non-finite losses (default: 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard event files, rank 0 (default: RUN_DIR/tensorboard)")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="folder for TensorBoard event files, written by rank 0 (default: RUN_DIR/tensorboard)")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     p.add_argument("--synthetic", action="store_true", help="measure compute img/s per phase on random data")
     p.add_argument("--io-only", action="store_true", help="measure input img/s per phase, no model")

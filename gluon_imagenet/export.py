@@ -18,6 +18,8 @@ exported only when named (or --best). A checkpoint deleted while export reads it
                     graph), size and preprocessing
     provenance.json run dir, checkpoint, step, epoch, recipe, sweep accuracy (top-5 marked meaningless with 5
                     classes or fewer), the data root and identity it was measured on, git revision, versions
+    model.onnx      with --onnx: the same network for onnxruntime (see gluon_imagenet/onnx_export.py), checked
+                    against MXNet's scores before the folder is installed
 
 The input size and centre crop are those of the sweep result that evaluated the checkpoint (the best one when
 it was evaluated at several sizes), else the recipe's evaluation size with a 0.875 crop. The folder is written
@@ -299,7 +301,7 @@ def out_dir_for(args, name: str) -> str:
 
 
 def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size: int, preprocess: dict,
-                 provenance: dict) -> None:
+                 provenance: dict, with_onnx: bool = False) -> None:
     """Build the network, load the checkpoint, run one forward pass, export; then check the folder loads."""
     import mxnet as mx
     import numpy as np
@@ -351,6 +353,15 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
     if not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"the exported graph disagrees with the checkpoint (max difference "
                            f"{np.abs(got - expected).max():.3g})")
+    if with_onnx:
+        from gluon_imagenet import onnx_export
+
+        # Two batch sizes: the ONNX batch dimension must really be dynamic.
+        probes = [probe.asnumpy(), np.random.default_rng(1).integers(0, 256, (3, 3, image_size, image_size),
+                                                                     dtype=np.uint8)]
+        meta["onnx"] = onnx_export.write(folder, PREFIX, image_size, net, probes)
+        with open(os.path.join(folder, MODEL_JSON), "w") as f:
+            json.dump(meta, f, indent=1)
 
 
 def file_sha256(path: str) -> str:
@@ -390,6 +401,13 @@ def export(args) -> str:
     name, how, best = choose(args, rows, metric)
     ckpt = verified(args.run_dir, name)
     out = out_dir_for(args, name)
+    if args.onnx:
+        from gluon_imagenet.onnx_export import OnnxUnavailable, check_available
+
+        try:
+            check_available()
+        except OnnxUnavailable as e:
+            raise ExportError(f"--onnx: {e}") from None
     image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best, metric)
     data_root = data_root_of(args, run)
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
@@ -412,13 +430,20 @@ def export(args) -> str:
         "git_revision": run.get("git_revision"), "versions": run.get("versions"),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
-    replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance))
+    replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance,
+                                                                args.onnx))
     top5 = f"{row['top5']:.2%}" if row and top5_meaningful else "n/a"
     top = f", sweep top-1 {row['top1']:.2%} top-5 {top5}" if row else ", not evaluated by a sweep"
     print(f"{name} (step {ckpt.step}, epoch {ckpt.record.get('epoch', 0):.2f}{top}) chosen by {how}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
           f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run['classes'])} classes")
-    print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE...")
+    if args.onnx:
+        from gluon_imagenet.onnx_export import OPSET, TOLERANCE
+
+        print(f"also {os.path.join(out, 'model.onnx')} (opset {OPSET}, dynamic batch): onnxruntime's scores equal "
+              f"MXNet's within {TOLERANCE:g} x the scores' scale")
+    print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE..." +
+          (" (add --runtime onnx for onnxruntime)" if args.onnx else ""))
     return out
 
 
@@ -461,6 +486,7 @@ def parse_args(argv):
     p.add_argument("--out", help="model folder to write (default: RUN_DIR/export/<checkpoint>)")
     p.add_argument("--data-root", help="packed data root: the packer's settings, and the sweep results --best ranks "
                    "(default: the run's, from run.json)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
     return p.parse_args(argv)
 
 

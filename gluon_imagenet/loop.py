@@ -41,6 +41,7 @@ class RunOptions:
     save_every_steps: int  # 0: checkpoints at epoch ends only
     keep_mid_epoch: int  # mid-epoch checkpoints kept (0: all)
     trained_on: dict | None = None  # classes, training images and data identity per data dir (resume.trained_on)
+    tensorboard_dir: str | None = None  # None: no event files
 
 
 def augmentation_of(recipe) -> Augmentation:
@@ -72,7 +73,8 @@ class Run:
         self.pending: list[tuple[int, int, int, float, float, mx.nd.NDArray]] = []  # losses not read back yet
         self.last_loss = math.nan
         metrics = f"{options.run_dir}/metrics.jsonl" if options.run_dir else None
-        self.log = ProgressLog(metrics, plan, ranks.size, options.log_every, self.start_step, ranks.is_main)
+        self.log = ProgressLog(metrics, plan, ranks.size, options.log_every, self.start_step, ranks.is_main,
+                               options.tensorboard_dir)
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.time() - self.wall_start

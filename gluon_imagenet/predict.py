@@ -218,12 +218,38 @@ def predict(net, meta: dict, paths: list[str], top: int, ctx: mx.Context | None 
             errors.append((path, why))
         if not ready:
             continue
-        batch = mx.nd.array(np.stack([x for _, x in ready]), ctx=ctx, dtype="uint8")
-        probs = softmax(net(batch).asnumpy())
+        probs = softmax(scores(net, np.stack([x for _, x in ready]), ctx))
         for (path, _), p in zip(ready, probs):
             best = np.argsort(-p, kind="stable")[:top]
             results.append((path, [(int(i), float(p[i])) for i in best]))
     return results, errors
+
+
+def scores(net, batch: np.ndarray, ctx: mx.Context) -> np.ndarray:
+    """The network's scores for a uint8 batch: MXNet's SymbolBlock, or onnx_export.OnnxClassifier (numpy in and out)."""
+    if isinstance(net, mx.gluon.Block):
+        return net(mx.nd.array(batch, ctx=ctx, dtype="uint8")).asnumpy()
+    return net(batch)
+
+
+def load_onnx(model_dir: str):
+    """(onnxruntime classifier, model.json contents) for --runtime onnx."""
+    from gluon_imagenet.onnx_export import OnnxClassifier, OnnxUnavailable, import_runtime
+
+    meta = read_model_json(model_dir)
+    entry = meta.get("onnx")
+    path = os.path.join(model_dir, entry["file"]) if entry else None
+    if path is None or not os.path.isfile(path):
+        raise ModelError(f"{model_dir!r} holds no ONNX model: export it again with --onnx")
+    try:
+        import_runtime()
+    except OnnxUnavailable as e:
+        raise ModelError(f"--runtime onnx: {e}") from None
+    try:
+        return OnnxClassifier(path), meta
+    except Exception as e:  # onnxruntime raises its own classes for a damaged file
+        raise ModelError(f"{path!r} cannot be loaded by onnxruntime ({str(e).strip().splitlines()[-1]}); export "
+                         "the model again with --onnx") from None
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -234,6 +260,8 @@ def parse_args(argv):
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ... anything OpenCV decodes)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument("--runtime", choices=("mxnet", "onnx"), default="mxnet",
+                   help="mxnet (default), or onnx: model.onnx through onnxruntime (export --onnx), same preprocessing")
     return p.parse_args(argv)
 
 
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.top < 1:
             raise ModelError(f"--top {args.top}: must be >= 1")
-        net, meta = load(args.model_dir)
+        net, meta = load_onnx(args.model_dir) if args.runtime == "onnx" else load(args.model_dir)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

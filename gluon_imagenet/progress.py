@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 
@@ -44,11 +45,17 @@ def keep_lines_before(path: str, step: int) -> int:
 class ProgressLog:
     HEADER = f"{'phase':>5} {'epoch':>5} {'step':>15} {'lr':>9} {'loss':>8} {'img/s':>8} {'ETA':>9}"
 
-    def __init__(self, path: str | None, plan, ranks: int, log_every: int, start_step: int, enabled: bool):
+    def __init__(self, path: str | None, plan, ranks: int, log_every: int, start_step: int, enabled: bool,
+                 tensorboard_dir: str | None = None):
         self.path, self.plan, self.ranks, self.log_every, self.enabled = path, plan, ranks, log_every, enabled
         self.last_step, self.last_time = None, 0.0
+        self.board = None
         if not enabled:
             return
+        if tensorboard_dir:
+            from gluon_imagenet.tensorboard import TrainingBoard
+
+            self.board = TrainingBoard(tensorboard_dir, start_step, plan, ranks)
         if path:
             torn = keep_lines_before(path, start_step)
             if torn:
@@ -64,7 +71,9 @@ class ProgressLog:
         if not self.enabled or not records:
             return
         lines = []
+        now = time.time()
         for r in records:
+            rate = None
             entry = {"time": round(r.time, 3), "step": r.step, "epoch": r.epoch, "phase": r.phase, "lr": r.lr,
                      "loss": r.loss if math.isfinite(r.loss) else str(r.loss)}
             phase = self.plan.phases[r.phase]
@@ -79,6 +88,10 @@ class ProgressLog:
                 print(f"{r.phase + 1:>5} {r.epoch:>5} {f'{r.step + 1}/{self.plan.total_steps}':>15} {r.lr:>9.4g} "
                       f"{r.loss:>8.4f} {rate:>8.1f} {self._eta(r.step, phase, rate):>9}", flush=True)
             lines.append(json.dumps(entry) + "\n")
+            if self.board:  # each step's time of issue, placed on the clock by the newest step (issued just now)
+                self.board.add(r, rate, now - (records[-1].time - r.time))
+        if self.board:
+            self.board.flush()
         if self.path:
             try:
                 with open(self.path, "a") as f:

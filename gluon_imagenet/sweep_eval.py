@@ -446,8 +446,10 @@ def start_worker(proc) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> tuple[dict[str, str], dict[str, str]]:
-    """Round-robin over devices; results stored as they arrive. Returns (errors, pruned checkpoints) by job key.
+def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore",
+             board=None) -> tuple[dict[str, str], dict[str, str]]:
+    """Round-robin over devices; results stored (and drawn on the TensorBoard `board`) as they arrive. Returns
+    (errors, pruned checkpoints) by job key.
     On any way out (a stop included) the workers are killed: they ignore SIGINT and SIGTERM."""
     context = multiprocessing.get_context("spawn")  # a fresh MXNet engine per worker
     results = context.Queue()
@@ -460,7 +462,7 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> tu
                 proc = context.Process(target=worker_main, args=(device, share, threads, results), daemon=True)
                 start_worker(proc)
                 processes.append((proc, {j.key for j in share}))
-        return collect(jobs, processes, results, store)
+        return collect(jobs, processes, results, store, board)
     finally:
         for proc, _ in processes:
             if proc.is_alive():
@@ -468,7 +470,7 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore") -> tu
             proc.join(timeout=30)
 
 
-def collect(jobs: list[Job], processes: list, results, store: "ResultStore"):
+def collect(jobs: list[Job], processes: list, results, store: "ResultStore", board=None):
     from tqdm import tqdm
 
     pending, errors, pruned = {j.key for j in jobs}, {}, {}
@@ -489,6 +491,8 @@ def collect(jobs: list[Job], processes: list, results, store: "ResultStore"):
             pending.discard(key)
             if kind == "done":
                 store.add(key, payload)
+                if board is not None:
+                    board.add(payload)
                 images += payload["images"]
                 bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
             else:
@@ -558,6 +562,7 @@ class Sweep:
         self.said: set = set()
         self.passes = 0
         self.trainer: dict | None = None  # the train.lock holder seen before the last scan
+        self.board = None  # tensorboard.SweepBoard
 
     def plan(self) -> None:
         self.jobs, bad, self.good = plan_jobs(self.args, self.run, self.data_root, self.verifier)
@@ -586,7 +591,7 @@ class Sweep:
         if len(todo) < len(self.jobs) and not self.passes:
             print(f"{len(self.jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
         self.passes += 1
-        errors, pruned = run_jobs(todo, self.devices, self.store) if todo else ({}, {})
+        errors, pruned = run_jobs(todo, self.devices, self.store, self.board) if todo else ({}, {})
         for key, why in errors.items():
             print(f"failed: {key}: {why}", file=sys.stderr)
         for key, why in pruned.items():
@@ -663,6 +668,9 @@ def sweep_main(args) -> int:
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus()[0] // len(devices))))
     sweep.store = ResultStore(args.run_dir)
+    from gluon_imagenet.tensorboard import open_sweep_board
+
+    sweep.board = open_sweep_board(run, args.run_dir, args)
     print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
           f"policy {args.size_policy}, data {data_root}")
     sweep.evaluate()

@@ -70,6 +70,9 @@ def parse_args(argv):
     p.add_argument("--nan-patience", type=int, default=10,
                    help="stop after this many consecutive non-finite losses (default: 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="folder for TensorBoard event files, written by rank 0 (default: RUN_DIR/tensorboard)")
+    p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     p.add_argument("--synthetic", action="store_true", help="measure compute img/s per phase on random data")
     p.add_argument("--io-only", action="store_true", help="measure input img/s per phase, no model")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
@@ -86,6 +89,8 @@ def check_args(args) -> None:
         value = getattr(args, name)
         if value < minimum:
             raise SetupError(f"--{name.replace('_', '-')} {value}: must be >= {minimum}")
+    if args.tensorboard and args.no_tensorboard:
+        raise SetupError(f"--tensorboard {args.tensorboard} and --no-tensorboard contradict each other: pass one")
     if args.synthetic and args.io_only:
         raise SetupError("--synthetic and --io-only measure different things: pass one of them")
     if not (args.synthetic or args.io_only) and not args.run_dir:
@@ -327,7 +332,9 @@ def _main(argv: list[str] | None) -> int:
             learner.load_states(resume_from.states_path, resume_from.record.get("loss_scaler"))
         options = RunOptions(args.run_dir, args.data_root, args.model, args.seed, setup.threads, args.log_every,
                              args.nan_patience, args.save_every_steps, args.keep_mid_epoch,
-                             trained_on=run_facts(args, setup))
+                             trained_on=run_facts(args, setup),
+                             tensorboard_dir=None if args.no_tensorboard else args.tensorboard or os.path.join(
+                                 args.run_dir, "tensorboard"))
         try:
             Run(plan, learner, ranks, setup.device, options, len(setup.classes), resume_from).train()
         except (Diverged, SaveFailed) as e:

@@ -34,6 +34,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert match, last
     assert match.group(2) == first_class and f"/val/{first_class}/" in match.group(1)
     assert os.path.isfile(os.path.join(out, "run", "export", "best", "model-symbol.json"))
+    assert os.path.isfile(os.path.join(out, "run", "export", "best", "model.onnx"))
+    assert f"report: {os.path.join(out, 'run', 'report.png')}" in proc.stdout
+    assert os.path.getsize(os.path.join(out, "run", "report.png")) > 0
+    # Rank 0 only writes TensorBoard events: one file from the two ranks.
+    assert len(os.listdir(os.path.join(out, "run", "tensorboard", "train"))) == 1
 
     again = run_tool(args, timeout=900)  # re-running continues: nothing is trained or evaluated twice
     assert again.returncode == 0, again.stderr[-3000:]

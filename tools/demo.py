@@ -1,5 +1,5 @@
 """The whole job on a small generated dataset: generate -> pack -> train (horovodrun, 2 ranks) -> sweep ->
-export the best checkpoint and classify one validation image with it.
+export the best checkpoint (MXNet and ONNX) and classify one validation image with it -> the one-page report.
 
     make demo                      # sets up .venv first, then runs this
     .venv/bin/python tools/demo.py --out demo --train-per-class 300 --val-per-class 40
@@ -78,13 +78,17 @@ def main():
     model = os.path.join(run, "export", "best")  # a fixed name: a re-run replaces it with the new best
     start = time.time()
     step("5/5 export the best checkpoint and classify one validation image", [
-        python, "-m", "gluon_imagenet.export", "--run-dir", run, "--best", "--out", model])
+        python, "-m", "gluon_imagenet.export", "--run-dir", run, "--best", "--out", model, "--onnx"])
     prediction = predict_one(python, model, sorted(glob.glob(os.path.join(images, "val", "*", "*")))[0])
     seconds["export"] = time.time() - start
+    report = os.path.join(run, "report.png")
+    seconds["report"] = step("the run on one page", [python, "-m", "gluon_imagenet.report", run, "--target-top1",
+                                                     a.target_top1])
     print("\n=== demo done: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-    print(f"plot: {os.path.join(run, 'sweep.png')}   table: {os.path.join(run, 'sweep.csv')}   training log: "
-          f"{os.path.join(run, 'metrics.jsonl')}   run record: {os.path.join(run, 'run.json')}")
-    print(f"model: {model} (python -m gluon_imagenet.predict {model} IMAGE...)")
+    print(f"report: {report}   plot: {os.path.join(run, 'sweep.png')}   table: {os.path.join(run, 'sweep.csv')}   "
+          f"training log: {os.path.join(run, 'metrics.jsonl')}   run record: {os.path.join(run, 'run.json')}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(run, 'tensorboard')}")
+    print(f"model: {model} (python -m gluon_imagenet.predict {model} IMAGE..., --runtime onnx for its model.onnx)")
     print(prediction)
 
 

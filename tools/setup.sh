@@ -176,6 +176,10 @@ else
   "${pip[@]}" install -q -c requirements/constraints.txt -e ".[$device,test]" wheel
 fi
 
+# onnxruntime asks for numpy >= 1.24.2 (which breaks mxnet) but runs on numpy 1.23.5: installed without its
+# dependencies, which setup.cfg pins. An interpreter's own onnxruntime (system) is kept.
+"$venv/bin/python" -c 'import onnxruntime' 2>/dev/null || "${pip[@]}" install -q --no-deps onnxruntime==1.16.3
+
 if [ "$device" != system ]; then
   py_tag=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
   cache="$wheel_cache/horovod-$horovod_version-$py_tag-mxnet-$mxnet_version-$device"

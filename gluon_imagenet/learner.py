@@ -19,9 +19,11 @@ from mxnet.contrib.amp.loss_scaler import LossScaler
 from gluon_imagenet.devices import Device
 from gluon_imagenet.model import build_model, initialize, no_weight_decay
 
-# Parameters per multi-tensor update for `sgd` where MXNET_OPTIMIZER_AGGREGATION_SIZE is unset (MXNet's own
-# default is 4): NVIDIA's MXNet ResNet-50 uses 60, so ResNet-50's 161 parameters take 3 updates instead of 41.
-SGD_AGGREGATION = 60
+# Parameters per multi-tensor update for `sgd` on GPUs where MXNET_OPTIMIZER_AGGREGATION_SIZE is unset: NVIDIA's
+# MXNet ResNet-50 uses 60, so ResNet-50's 161 parameters take 3 kernel launches instead of MXNet's default 41 (4
+# per update). CPUs keep MXNet's 4: there 60 cut the host time of Trainer.step but doubled the update's own time
+# (bench/optimizer_step.py, BENCHMARKS.md).
+SGD_AGGREGATION_GPU = 60
 
 
 class StaticLossScaler(LossScaler):
@@ -64,8 +66,8 @@ class Learner:
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = ranks.make_trainer(self.net.collect_params(), optimizer, {
             "learning_rate": lr, "momentum": momentum, "wd": weight_decay})
-        if optimizer == "sgd" and "MXNET_OPTIMIZER_AGGREGATION_SIZE" not in os.environ:
-            self.trainer.optimizer.aggregate_num = SGD_AGGREGATION  # read per update by MXNet's Updater
+        if optimizer == "sgd" and device.kind == "gpu" and "MXNET_OPTIMIZER_AGGREGATION_SIZE" not in os.environ:
+            self.trainer.optimizer.aggregate_num = SGD_AGGREGATION_GPU  # read at each update by MXNet's Updater
         if amp_dtype:
             amp.init_trainer(self.trainer)
             if loss_scale != "dynamic":

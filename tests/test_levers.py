@@ -55,9 +55,13 @@ print(json.dumps(dict(counts, trainable=trainable, losses=[float(l.asscalar()) f
 """
 
 
-def run_steps(loss_scale, optimizer):
+def run_steps(loss_scale, optimizer, aggregation=None):
+    env = dict(os.environ)
+    env.pop("MXNET_OPTIMIZER_AGGREGATION_SIZE", None)
+    if aggregation:
+        env["MXNET_OPTIMIZER_AGGREGATION_SIZE"] = str(aggregation)
     proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT, str(loss_scale), optimizer], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -71,8 +75,11 @@ def test_static_loss_scale_reads_nothing_back_per_step():
 
 
 def test_sgd_updates_through_the_aggregated_multi_tensor_update():
-    sgd, nag = run_steps(256, "sgd"), run_steps(256, "nag")
-    assert sgd["multi_updates"] == 3 * math.ceil(sgd["trainable"] / 60)  # 60 parameters per update
+    # On the CPU MXNet's default of 4 parameters per update stays (60 is for GPUs: learner.SGD_AGGREGATION_GPU);
+    # the variable, where set, decides.
+    sgd, sgd60, nag = run_steps(256, "sgd"), run_steps(256, "sgd", aggregation=60), run_steps(256, "nag")
+    assert sgd["multi_updates"] == 3 * math.ceil(sgd["trainable"] / 4)
+    assert sgd60["multi_updates"] == 3 * math.ceil(sgd["trainable"] / 60)
     assert nag["multi_updates"] == 0
     assert all(math.isfinite(v) for v in sgd["losses"])
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -148,3 +149,35 @@ def test_sgd_with_a_static_loss_scale_under_horovod(packed_root, tmp_path):
     assert (run["recipe"]["optimizer"], run["recipe"]["loss_scale"]) == ("sgd", 256.0)
     final = checkpoint.scan(run_dir)[0][-1]
     assert final.record["loss_scaler"] == {"loss_scale": 256.0, "next_loss_scale": 256.0, "unskipped": 0}
+
+
+def ffcv_resolution(epoch, min_res, max_res, start_ramp, end_ramp):
+    """FFCV's get_resolution (ffcv-imagenet train_imagenet.py): interpolated, rounded to a multiple of 32."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    import numpy as np
+
+    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
+
+
+@pytest.mark.parametrize("epochs, start_ramp, end_ramp", [(16, 11, 13), (40, 29, 34), (88, 65, 76)])
+def test_ffcv_recipes_follow_ffcv_schedules(epochs, start_ramp, end_ramp):
+    """Epoch by epoch, each transcribed recipe trains at FFCV's resolution with FFCV's cyclic lr (peak 1.7 at
+    epoch 2, from 1e-4 x peak, to 0 at the end) on 8 workers of 512 images."""
+    from gluon_imagenet.recipe import load_recipe
+    from gluon_imagenet.schedule import lr_at, make_plan, phase_at
+
+    plan = make_plan(load_recipe(os.path.join(ROOT, "recipes", f"ffcv_rn50_{epochs}.yaml")), 1281167, 8)
+    assert plan.lr_scale == 1 and plan.recipe.optimizer == "sgd" and plan.recipe.label_smoothing == 0.1
+    assert plan.recipe.resolved_eval_image_size == 256
+    for epoch in range(epochs):
+        phase = next(p for p in plan.phases if p.phase.epochs[0] <= epoch < p.phase.epochs[1])
+        assert phase.image_size == ffcv_resolution(epoch, 160, 192, start_ramp, end_ramp), epoch
+        assert phase.batch_size == 512
+        step = phase.first_step + (epoch - phase.phase.epochs[0]) * phase.steps_per_epoch
+        assert phase_at(plan, step) is phase
+        ffcv_lr = float(np.interp([epoch], [0, 2, epochs], [1.7e-4, 1.7, 0])[0])
+        assert lr_at(plan, step) == pytest.approx(ffcv_lr, rel=1e-4, abs=1e-9), epoch
+    assert plan.phases[-1].lr(plan.total_steps) == 0.0

@@ -4,15 +4,38 @@ Mixed precision is MXNet's AMP (float16 on GPUs, bfloat16 on CPUs, devices.py): 
 built, `amp.init_trainer` on the (Horovod) trainer, `amp.scale_loss` around backward. Weights and optimizer state
 stay float32 (AMP casts per operator), so `multi_precision` would change nothing and is not set. The dynamic loss
 scaler runs on the gradients Horovod has already averaged, so every rank skips an overflowing step together.
+Its overflow check reads one value back from the device at every step (has_overflow, loss_scaler.py), so with
+it the host waits for each step's gradients; a static scale (recipe `loss_scale: 256`, as the seed ran) does not.
 """
 from __future__ import annotations
+
+import os
 
 import mxnet as mx
 from mxnet import autograd, gluon
 from mxnet.contrib import amp
+from mxnet.contrib.amp.loss_scaler import LossScaler
 
 from gluon_imagenet.devices import Device
 from gluon_imagenet.model import build_model, initialize, no_weight_decay
+
+# Parameters per multi-tensor update for `sgd` on GPUs where MXNET_OPTIMIZER_AGGREGATION_SIZE is unset: NVIDIA's
+# MXNet ResNet-50 uses 60, so ResNet-50's 161 parameters take 3 kernel launches instead of MXNet's default 41 (4
+# per update). CPUs keep MXNet's 4: there 60 cut the host time of Trainer.step but doubled the update's own time
+# (bench/optimizer_step.py, BENCHMARKS.md).
+SGD_AGGREGATION_GPU = 60
+
+
+class StaticLossScaler(LossScaler):
+    """AMP's loss scaler with a fixed scale: no overflow check, so no value is read back from the device. A step
+    that overflows is not skipped: its non-finite loss stops the run through the trainer's divergence check."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self._loss_scale = self._next_loss_scale = float(scale)
+
+    def has_overflow(self, params):
+        return False
 
 
 class Learner:
@@ -20,7 +43,7 @@ class Learner:
 
     def __init__(self, *, model: str, classes: int, device: Device, ranks, seed: int, lr: float, momentum: float,
                  weight_decay: float, label_smoothing: float, first_image_size: int, amp_dtype: str | None = None,
-                 params_path: str | None = None):
+                 params_path: str | None = None, optimizer: str = "nag", loss_scale: float | str = "dynamic"):
         self.ctx, self.classes, self.smoothing, self.amp_dtype = device.context, classes, label_smoothing, amp_dtype
         if amp_dtype:
             amp.init(target_dtype=amp_dtype)  # must run before the network is built
@@ -41,10 +64,14 @@ class Learner:
         ranks.broadcast_parameters(self.net.collect_params())
         mx.nd.waitall()  # the broadcast writes the parameters asynchronously: finish before the graph is built
         self.net.hybridize(static_alloc=True, static_shape=True)
-        self.trainer = ranks.make_trainer(self.net.collect_params(), "nag", {
+        self.trainer = ranks.make_trainer(self.net.collect_params(), optimizer, {
             "learning_rate": lr, "momentum": momentum, "wd": weight_decay})
+        if optimizer == "sgd" and device.kind == "gpu" and "MXNET_OPTIMIZER_AGGREGATION_SIZE" not in os.environ:
+            self.trainer.optimizer.aggregate_num = SGD_AGGREGATION_GPU  # read at each update by MXNet's Updater
         if amp_dtype:
             amp.init_trainer(self.trainer)
+            if loss_scale != "dynamic":
+                self.trainer._amp_loss_scaler = StaticLossScaler(loss_scale)
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=label_smoothing == 0)
 
     def step(self, data: mx.nd.NDArray, label: mx.nd.NDArray, lr: float) -> mx.nd.NDArray:

@@ -20,6 +20,7 @@ def measure(setup, ranks, *, synthetic: bool, steps: int, model: str, seed: int,
         recipe = plan.recipe
         learner = Learner(model=model, classes=len(setup.classes), device=setup.device, ranks=ranks,
                           seed=seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
+                          optimizer=recipe.optimizer, loss_scale=recipe.loss_scale,
                           weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
                           first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype)
     options = RunOptions(None, data_root, model, seed, setup.threads, 1, 0, 0, 0)

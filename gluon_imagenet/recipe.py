@@ -26,6 +26,9 @@ from gluon_imagenet.packed import holds, packed_short_side
 
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
+# nag: Nesterov momentum, the seed's; MXNet updates its parameters one by one. sgd: heavy-ball momentum through
+# MXNet's aggregated multi-tensor update (multi_sgd_mom_update), as NVIDIA's MLPerf ResNet-50 runs.
+OPTIMIZERS = ("nag", "sgd")
 # Images per worker per step. The largest ResNet-50 batches on one accelerator are a few thousand images; a
 # larger value is a typo, and would fail only when the input pipeline tries to allocate it.
 MAX_BATCH_SIZE = 16384
@@ -55,7 +58,12 @@ class Recipe:
     reference_workers: int = 8  # number of workers the lr values were written for
     lr_scaling: str = "linear"  # how lr changes with another number of workers: linear (x workers/reference) or none
     weight_decay: float = 0.0  # L2 penalty on weights (not on BatchNorm or biases)
-    momentum: float = 0.9  # Nesterov momentum
+    momentum: float = 0.9  # momentum coefficient (Nesterov's for nag, heavy-ball for sgd)
+    optimizer: str = "nag"  # nag or sgd (OPTIMIZERS)
+    # AMP's loss scale: "dynamic" (MXNet's scaler: starts at 2**16, halves on overflow and skips the step; it
+    # reads one value back from the device every step) or a fixed number (no read-back; an overflow then shows as
+    # a non-finite loss, which stops the run through the divergence check). Unused without AMP.
+    loss_scale: float | str = "dynamic"
     label_smoothing: float = 0.0  # probability mass spread over all classes, 0 = off
     min_random_area: float = 0.08  # smallest random-resized crop, as a fraction of the image's area
     aspect_ratio: tuple[float, float] = (0.75, 4 / 3)  # random-resized crop's width / height, [min, max]
@@ -142,6 +150,8 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     kwargs["lr_scaling"] = _choice(raw, "lr_scaling", "linear", LR_SCALING_RULES, where)
     kwargs["weight_decay"] = _number(raw, "weight_decay", 0.0, where, minimum=0.0)
     kwargs["momentum"] = _number(raw, "momentum", 0.9, where, minimum=0.0, below=1.0)
+    kwargs["optimizer"] = _choice(raw, "optimizer", "nag", OPTIMIZERS, where)
+    kwargs["loss_scale"] = _loss_scale(raw, where)
     kwargs["label_smoothing"] = _number(raw, "label_smoothing", 0.0, where, minimum=0.0, below=1.0)
     kwargs["min_random_area"] = _number(raw, "min_random_area", 0.08, where, minimum=0.01)
     if kwargs["min_random_area"] > 1:
@@ -325,6 +335,20 @@ def _aspect_ratio(raw, where):
         raise RecipeError(f"{where}: field 'aspect_ratio': {[low, high]} must be [min, max] with 0 < min <= max "
                           "(width / height of the random crop; 1 = square only)")
     return (low, high)
+
+
+def _loss_scale(raw, where):
+    value = raw.get("loss_scale", "dynamic")
+    if value == "dynamic":
+        return value
+    try:
+        scale = _as_float(value)
+    except (TypeError, ValueError):
+        scale = 0.0
+    if not 1 <= scale <= 2.0 ** 24:
+        raise RecipeError(f"{where}: field 'loss_scale': {value!r} must be 'dynamic' or a number in [1, 2**24] "
+                          "(the seed used 256)")
+    return scale
 
 
 def _number(raw, key, default, where, minimum, below=None):

@@ -39,6 +39,8 @@ class Probe:
     momentum: float
     weight_decay: float
     label_smoothing: float
+    optimizer: str = "nag"  # recipe.OPTIMIZERS
+    loss_scale: float | str = "dynamic"
 
 
 def parse_bytes(text: str) -> int:
@@ -59,7 +61,8 @@ def measure(probe: Probe) -> dict:
     device = device_from_spec(probe.device)
     learner = make_learner(probe.model, probe.classes, device, probe.amp_dtype, probe.image_size,
                            momentum=probe.momentum, weight_decay=probe.weight_decay,
-                           label_smoothing=probe.label_smoothing)
+                           label_smoothing=probe.label_smoothing, optimizer=probe.optimizer,
+                           loss_scale=probe.loss_scale)
     data, label = random_batch(probe.batch_size, probe.image_size, probe.classes)
     learner.step(data, label, 0.01).asscalar()  # waits for the step: an out-of-memory error surfaces here
     mx.nd.waitall()
@@ -165,7 +168,8 @@ def phase_probes(plan_phases, model: str, classes: int, device: str, amp_dtype: 
     out = []
     for number, phase in plan_phases:
         out.append((number, Probe(model, classes, device, amp_dtype, phase.batch_size, phase.image_size,
-                                  recipe.momentum, recipe.weight_decay, recipe.label_smoothing)))
+                                  recipe.momentum, recipe.weight_decay, recipe.label_smoothing, recipe.optimizer,
+                                  recipe.loss_scale)))
     return out
 
 

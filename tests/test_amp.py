@@ -109,22 +109,43 @@ def test_amp_run_killed_and_resumed_under_horovod(packed_root, tmp_path):
         assert json.load(f)["amp_dtype"] == "bfloat16"
 
 
+LEARNING_RECIPE = {
+    "name": "test-learns", "reference_workers": 1, "weight_decay": 1.0e-4, "momentum": 0.9, "eval_image_size": 32,
+    "min_random_area": 0.5,
+    "phases": [
+        {"epochs": [0, 2], "lr": [0.05, 0.2], "lr_method": "linear", "batch_size": 32, "image_size": 32,
+         "data_dir": "40"},
+        {"epochs": [2, 8], "lr": [0.2, 0.01], "lr_method": "exp", "batch_size": 32, "image_size": 32,
+         "data_dir": "40"},
+    ]}
+
+
 @needs_bfloat16
 @pytest.mark.slow
-def test_bfloat16_run_reaches_float32_accuracy(packed_root, tmp_path):
-    recipe = amp_recipe(tmp_path)
+def test_bfloat16_run_reaches_float32_accuracy(tmp_path):
+    # 240 training images (the shared fixture) stay at chance in a short run (top-1 0.11, seen on a bfloat16 CPU):
+    # 600 of them and 8 epochs learn (top-1 ~0.33 at 32 px), and 300 validation images keep the comparison's
+    # sampling noise (~3%) well inside its tolerance. One process: the AMP plumbing test covers Horovod.
+    from gluon_imagenet.demo_data import generate
+
+    src, root = str(tmp_path / "src"), str(tmp_path / "recordio")
+    generate(src, train_per_class=60, val_per_class=30, seed=1)
+    packed = run_tool(["tools/im2rec_multi.py", src, "--root", root, "--sizes", "40", "--workers", "2"])
+    assert packed.returncode == 0, packed.stderr
+    recipe = write_recipe(str(tmp_path), LEARNING_RECIPE)
     top1 = {}
     for name, extra in (("fp32", []), ("bf16", ["--amp"])):
         run_dir = str(tmp_path / name)
-        proc = subprocess.run(horovod(train_cmd(recipe, packed_root, run_dir, *extra)), cwd=ROOT,
-                              capture_output=True, text=True, timeout=900)
+        proc = run_tool(train_cmd(recipe, root, run_dir, "--log-every", "50", *extra), timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        sweep = run_tool(["-m", "gluon_imagenet.sweep_eval", "--run-dir", run_dir, "--data-root", packed_root,
-                          "--last", "1", "--batch-size", "16"])
+        sweep = run_tool(["-m", "gluon_imagenet.sweep_eval", "--run-dir", run_dir, "--data-root", root,
+                          "--last", "3", "--batch-size", "50", "--workers", "1"])
         assert sweep.returncode == 0, sweep.stderr[-3000:]
         with open(os.path.join(run_dir, "sweep.json")) as f:
-            top1[name] = max(r["top1"] for r in json.load(f)["results"].values())
-    assert top1["fp32"] > 0.3, top1  # the recipe learns (10 classes: chance is 0.1)
+            rows = list(json.load(f)["results"].values())
+        assert len(rows) == 3
+        top1[name] = sum(r["top1"] for r in rows) / len(rows)  # the last three epochs: less run-to-run noise
+    assert top1["fp32"] > 0.2, top1  # the recipe learns (10 classes: chance is 0.1)
     assert abs(top1["bf16"] - top1["fp32"]) <= 0.1, top1
 
 

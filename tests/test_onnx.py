@@ -1,6 +1,7 @@
 """ONNX export checked by onnxruntime (export --onnx) and prediction through it (predict --runtime onnx)."""
 import json
 import os
+import re
 
 import numpy as np
 import onnx
@@ -36,7 +37,10 @@ def test_onnx_model_has_uint8_dynamic_input_and_constant_statistics(onnx_exporte
     constants = {i.name for i in model.graph.initializer}
     statistics = {n for n in constants if n.endswith(("running_mean", "running_var"))}
     assert len(statistics) == 2 * 20  # ResNet-18 v1b: 20 BatchNorm layers, each as constants
-    assert {"classifier0_mean", "classifier0_std"} <= constants  # the normalisation is inside the graph
+    # The normalisation is inside the graph. Gluon numbers its blocks' prefixes per process (classifier0,
+    # classifier1, ... for each network built before the export), so the names are matched by pattern.
+    assert any(re.fullmatch(r"classifier\d+_mean", n) for n in constants), sorted(constants)[:10]
+    assert any(re.fullmatch(r"classifier\d+_std", n) for n in constants), sorted(constants)[:10]
     with open(os.path.join(out, "model.json")) as f:
         entry = json.load(f)["onnx"]
     assert (entry["file"], entry["opset"], entry["checked"]["batches"]) == ("model.onnx", OPSET, [2, 3])

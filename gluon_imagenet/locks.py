@@ -1,5 +1,7 @@
 """One writer at a time: an advisory lock per run dir (the trainer), per data root (the packer) and around every
-write of the sweep's results, so two processes never interleave their files.
+write of the sweep's results, so two processes never interleave their files. Readers of a data root (trainers)
+hold its lock shared, so that no packer rewrites the data under a run (and a run does not start on data being
+packed), while any number of runs read it at once.
 
 A lock is `flock` on a small file that also says who holds it (pid, host, start time, command): the second
 process is told who to wait for. The kernel releases the lock when its holder exits, however it exits, so a
@@ -78,3 +80,39 @@ def hold(path: str, what: str, wait: bool = False):
         yield info
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)
+
+
+@contextlib.contextmanager
+def share(path: str, what: str):
+    """Hold the lock at `path` shared for the block; entering gives "" or the problem (a writer holds it). A lock
+    file that cannot be created or opened (a read-only data root, which no packer can write either) is not held."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            yield ""
+            return
+    try:
+        for attempt in range(20):  # a packer's failed attempt holds it for an instant: try a few times
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                time.sleep(0.05)
+        else:
+            yield (f"{what} is being written by {_describe(_read_info(path))}; wait for it to finish (lock file "
+                   f"{path})")
+            return
+        # Say who reads, for the packer's refusal. Several readers may write this at once: the packer then
+        # names one of them (or "another process" when their writes mixed).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                     "command": " ".join(sys.argv)}).encode())
+        yield ""
+    finally:
+        os.close(fd)

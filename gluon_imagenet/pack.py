@@ -48,11 +48,11 @@ from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.pack_pool import WorkerDied, ordered_map
 # The checks of packed data, part of this module's API (the trainer and the tests import them from here).
 from gluon_imagenet.pack_verify import check_packed_split, read_index, verify_root, verify_split  # noqa: F401
-from gluon_imagenet.packed import PackError, read_classes, read_meta  # noqa: F401 (part of this module's API)
+from gluon_imagenet.packed import PACK_LOCK, PackError, read_classes, read_meta  # noqa: F401 (part of this module's API)
 from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 SPLITS = ("train", "val")
-LOCK_NAME = ".pack.lock"  # in the data root: one packer at a time
+LOCK_NAME = PACK_LOCK  # in the data root: one packer at a time, and none while a trainer reads it
 # libjpeg(-turbo)'s JPEG_MAX_DIMENSION: OpenCV refuses to encode a wider or taller JPEG ("Maximum supported image
 # dimension is 65500 pixels"), below the format's own 65535.
 JPEG_MAX_SIDE = 65500

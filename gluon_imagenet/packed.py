@@ -9,6 +9,10 @@ import json
 import os
 
 
+# In the data root: held by the packer while it writes, and shared by every trainer while it reads (locks.py).
+PACK_LOCK = ".pack.lock"
+
+
 class PackError(Exception):
     """Bad input or output location, or packed data that cannot be read; found before any work."""
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from gluon_imagenet import checkpoint, locks, resume, stops
 from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.names import MODELS
+from gluon_imagenet.packed import PACK_LOCK
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
 
 LOCK_NAME = "train.lock"  # in the run dir, held by rank 0 for the whole run (the sweep's --watch asks it)
@@ -285,7 +286,10 @@ def _main(argv: list[str] | None) -> int:
               file=sys.stderr, flush=True)
         return True
 
-    with _run_lock(args, ranks) as problem:
+    # Every rank holds its data root shared while it reads it: a packer then refuses to rewrite it under the run.
+    data_lock = locks.share(os.path.join(args.data_root, PACK_LOCK), f"data root {args.data_root!r}")
+    with _run_lock(args, ranks) as problem, data_lock as data_problem:
+        problem = problem or data_problem
         try:
             setup = None if problem else prepare(args, ranks)
         except (RecipeError, PlanError, DataError, SetupError) as e:

@@ -169,12 +169,14 @@ def test_a_phase_boundary_resume_with_ema_is_bit_identical(ema_run, packed_root,
 @pytest.mark.slow
 def test_two_ranks_train_and_save_the_ema(packed_root, tmp_path):
     import mxnet as mx
+    import numpy as np
 
     from test_amp import horovod
 
     one_phase = dict(EMA_RECIPE, reference_workers=2, phases=EMA_RECIPE["phases"][:1])  # 240 / (2 x 16): 8 steps
     run_dir = str(tmp_path / "run")
-    args = train_cmd(write_recipe(str(tmp_path), one_phase), packed_root, run_dir, "--no-tensorboard")
+    args = ["tests/ema_ranks.py", *train_cmd(write_recipe(str(tmp_path), one_phase), packed_root, run_dir,
+                                             "--no-tensorboard")[2:]]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(horovod(args), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -184,5 +186,12 @@ def test_two_ranks_train_and_save_the_ema(packed_root, tmp_path):
     assert bad == [] and [c.step for c in good] == [8]
     saved = mx.nd.load(good[0].ema_params_path)
     assert sorted(saved) == sorted(mx.nd.load(good[0].params_path))
+    # Each rank's average of its own BatchNorm statistics differs; the saved one is their mean.
+    before = [np.load(os.path.join(run_dir, f"ema-before-rank{r}.npz")) for r in (0, 1)]
+    assert before[0].files and all(name in saved for name in before[0].files)
+    assert any(not np.array_equal(before[0][name], before[1][name]) for name in before[0].files)
+    for name in before[0].files:
+        np.testing.assert_allclose(saved[name].asnumpy(), (before[0][name] + before[1][name]) / 2, rtol=1e-6,
+                                   atol=1e-7, err_msg=name)
     with open(os.path.join(run_dir, "run.json")) as f:
         assert json.load(f)["recipe"]["ema"] == {"half_life_epochs": 0.5, "every_steps": 2}

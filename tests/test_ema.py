@@ -26,8 +26,9 @@ def tiny_net():
     return net
 
 
+@pytest.mark.parametrize("aggregate", [False, True], ids=["per-array", "multi-tensor"])
 @pytest.mark.parametrize("every_steps, steps", [(1, 7), (3, 7), (3, 9)])
-def test_ema_equals_its_closed_form_with_constant_weights(every_steps, steps):
+def test_ema_equals_its_closed_form_with_constant_weights(every_steps, steps, aggregate):
     import mxnet as mx
     import numpy as np
 
@@ -36,7 +37,7 @@ def test_ema_equals_its_closed_form_with_constant_weights(every_steps, steps):
     net = tiny_net()
     params = net._collect_params_with_prefix()
     start = {name: p.data().asnumpy() for name, p in params.items()}
-    ema = WeightEMA(net, half_life_epochs=0.5, every_steps=every_steps)
+    ema = WeightEMA(net, half_life_epochs=0.5, every_steps=every_steps, aggregate=aggregate)
     ema.start_phase(steps_per_epoch=4, global_step=0)
     target = {name: value + 1.5 + np.arange(value.size).reshape(value.shape) for name, value in start.items()}
     for name, p in params.items():  # the weights (and BatchNorm statistics) jump to a constant and stay there

@@ -493,4 +493,6 @@ _PHASE_FIELDS_IN_ORDER = tuple(f.name for f in dataclasses.fields(Phase))
 
 
 def _shown(value: Any) -> str:
+    if dataclasses.is_dataclass(value):  # as the recipe writes it: {half_life_epochs: ..., every_steps: ...}
+        return repr(dataclasses.asdict(value))
     return repr(list(value) if isinstance(value, tuple) else value)

@@ -196,3 +196,40 @@ def test_two_ranks_train_and_save_the_ema(packed_root, tmp_path):
                                    atol=1e-7, err_msg=name)
     with open(os.path.join(run_dir, "run.json")) as f:
         assert json.load(f)["recipe"]["ema"] == {"half_life_epochs": 0.5, "every_steps": 2}
+
+
+@pytest.mark.parametrize("aggregate", [False, True], ids=["per-array", "multi-tensor"])
+def test_an_ema_update_reads_nothing_back_from_the_device(aggregate, monkeypatch):
+    import mxnet as mx
+
+    from gluon_imagenet.ema import WeightEMA
+
+    net = tiny_net()
+    ema = WeightEMA(net, half_life_epochs=0.5, aggregate=aggregate)
+    ema.start_phase(steps_per_epoch=4, global_step=0)
+    for p in net.collect_params().values():  # away from the averages, so each update changes them
+        p.set_data(p.data() + 1)
+    before = {name: array.copy() for name, array in ema.averages.items()}
+    mx.nd.waitall()
+    reads = []
+    for method in ("asnumpy", "wait_to_read"):  # asscalar and printing go through asnumpy
+        real = getattr(mx.nd.NDArray, method)
+        monkeypatch.setattr(mx.nd.NDArray, method, lambda self, _real=real, _m=method: reads.append(_m) or _real(self))
+    monkeypatch.setattr(mx.nd, "waitall", lambda _real=mx.nd.waitall: reads.append("waitall") or _real())
+    for _ in range(3):
+        ema.after_step()
+    assert reads == []
+    monkeypatch.undo()
+    assert all((ema.averages[name] - before[name]).min().asscalar() > 0.5 for name in before)  # 3 updates ran
+
+
+def test_a_resume_refuses_a_changed_ema():
+    from gluon_imagenet.recipe import resume_edit_problem
+
+    trained = recipe_from_dict(dict(TWO_PHASES, ema={"half_life_epochs": 0.5, "every_steps": 2}))
+    assert resume_edit_problem(trained, trained, 1) == ""
+    assert resume_edit_problem(trained, recipe_from_dict(dict(TWO_PHASES, ema={"half_life_epochs": 1})), 1) == (
+        "run-wide field 'ema' is {'half_life_epochs': 0.5, 'every_steps': 2} there and "
+        "{'half_life_epochs': 1.0, 'every_steps': 1} here")
+    assert resume_edit_problem(trained, recipe_from_dict(TWO_PHASES), 0) == (
+        "run-wide field 'ema' is {'half_life_epochs': 0.5, 'every_steps': 2} there and None here")

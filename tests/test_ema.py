@@ -233,3 +233,28 @@ def test_a_resume_refuses_a_changed_ema():
         "{'half_life_epochs': 1.0, 'every_steps': 1} here")
     assert resume_edit_problem(trained, recipe_from_dict(TWO_PHASES), 0) == (
         "run-wide field 'ema' is {'half_life_epochs': 0.5, 'every_steps': 2} there and None here")
+
+
+def test_a_save_interrupted_while_writing_the_ema_leaves_no_piece(tmp_path):
+    import mxnet as mx
+
+    from gluon_imagenet.ema import WeightEMA
+
+    net = tiny_net()
+    trainer = mx.gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.1, "momentum": 0.9}, kvstore=None)
+    ema = WeightEMA(net, half_life_epochs=0.5)
+
+    def full_disk(path):
+        ema.save(path)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint.save(str(tmp_path), 10, net, trainer, {}, {checkpoint.EMA_EXT: full_disk})
+    assert os.listdir(tmp_path) == []
+    saved = checkpoint.save(str(tmp_path), 10, net, trainer, {}, {checkpoint.EMA_EXT: ema.save})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010" + ext for ext in (".ema.params", ".json", ".params",
+                                                                               ".states")]
+    assert checkpoint.scan(str(tmp_path)) == ([saved], [])
+    os.remove(saved.json_path)  # a save killed before its record: one partial checkpoint, not two
+    assert checkpoint.scan(str(tmp_path)) == ([], [("ckpt-00000010", "partial: no .json record (interrupted while "
+                                                                      "saving)")])

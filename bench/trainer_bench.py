@@ -142,8 +142,11 @@ def bench_loop(model, size, batch, steps):
 
 
 def bench_ema(model, size, batch, steps, every_steps=1):
-    """Learner.step without and with the weight EMA (recipe `ema`, updated every `every_steps` steps), interleaved,
-    best of three each; each side timed until every queued step has finished. Then the update alone."""
+    """Learner.step without and with the weight EMA (recipe `ema`, updated every `every_steps` steps): steps of the
+    two alternate, each timed on its own from mx.nd.waitall() to mx.nd.waitall(), and the medians compared (a
+    median shrugs off the bursts of other processes on a shared machine). Then the update alone, the same way."""
+    import statistics
+
     import mxnet as mx
 
     from gluon_imagenet.devices import Device
@@ -161,32 +164,29 @@ def bench_ema(model, size, batch, steps, every_steps=1):
         if ema:
             learners[name].ema.start_phase(steps_per_epoch=1000, global_step=0)
 
-    def seconds_per_step(learner):
-        for _ in range(2):
-            learner.step(data, label, 0.01)
+    def timed(fn):
         mx.nd.waitall()
         start = time.perf_counter()
-        for _ in range(steps):
-            learner.step(data, label, 0.01)
+        fn()
         mx.nd.waitall()
-        return (time.perf_counter() - start) / steps
+        return time.perf_counter() - start
 
-    best = {name: float("inf") for name in learners}
-    for _ in range(3):
+    for learner in learners.values():  # warm-up: graph building, first allocations
+        for _ in range(2):
+            timed(lambda: learner.step(data, label, 0.01))
+    times = {name: [] for name in learners}
+    for _ in range(steps):
         for name, learner in learners.items():
-            best[name] = min(best[name], seconds_per_step(learner))
+            # Timed in groups of every_steps so that each group holds exactly one update.
+            times[name].append(timed(lambda: [learner.step(data, label, 0.01) for _ in range(every_steps)])
+                               / every_steps)
     ema = learners["with EMA"].ema
-    mx.nd.waitall()
-    start = time.perf_counter()
-    for _ in range(20):
-        ema.update()
-    mx.nd.waitall()
-    update = (time.perf_counter() - start) / 20
-    base = best["without EMA"]
-    print(f"{model} {size} px batch {batch}, {steps} steps, {len(ema.names)} arrays averaged, every {every_steps} "
-          f"step(s): step without EMA {base * 1e3:.1f} ms, with EMA {best['with EMA'] * 1e3:.1f} ms "
-          f"({best['with EMA'] / base - 1:+.2%}); one EMA update alone {update * 1e3:.2f} ms "
-          f"({update / every_steps / base:.2%} of a step)")
+    update = statistics.median(timed(ema.update) for _ in range(20))
+    base, with_ema = statistics.median(times["without EMA"]), statistics.median(times["with EMA"])
+    print(f"{model} {size} px batch {batch}, {steps} x {every_steps} steps each, {len(ema.names)} arrays averaged "
+          f"every {every_steps} step(s): median step without EMA {base * 1e3:.1f} ms, with EMA {with_ema * 1e3:.1f} "
+          f"ms ({with_ema / base - 1:+.2%}); one EMA update alone {update * 1e3:.2f} ms ({update / every_steps / base:.2%}"
+          " of a step)")
 
 
 def bench_switch(root, threads, switches=10):

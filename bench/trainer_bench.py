@@ -3,6 +3,7 @@
     .venv/bin/python bench/trainer_bench.py input    # trainer's input pipeline vs a bare ImageRecordIter
     .venv/bin/python bench/trainer_bench.py loop     # Learner.step vs a minimal hand-written Gluon loop
     .venv/bin/python bench/trainer_bench.py switch   # phase switches: time to first step, memory after 1 and 10
+    .venv/bin/python bench/trainer_bench.py ema      # Learner.step with and without the weight EMA's update
 
 Data: generated 500x375 JPEGs packed at short sides 160 and 320 (in a temporary folder).
 """
@@ -140,6 +141,54 @@ def bench_loop(model, size, batch, steps):
     print(f"trainer with {label_}: {rate:.2f} img/s, ratio to trainer float32 {rate / max(ours):.3f}")
 
 
+def bench_ema(model, size, batch, steps, every_steps=1):
+    """Learner.step without and with the weight EMA (recipe `ema`, updated every `every_steps` steps): steps of the
+    two alternate, each timed on its own from mx.nd.waitall() to mx.nd.waitall(), and the medians compared (a
+    median shrugs off the bursts of other processes on a shared machine). Then the update alone, the same way."""
+    import statistics
+
+    import mxnet as mx
+
+    from gluon_imagenet.devices import Device
+    from gluon_imagenet.dist import Ranks
+    from gluon_imagenet.learner import Learner
+    from gluon_imagenet.recipe import EmaSettings
+
+    data = mx.nd.random.randint(0, 256, shape=(batch, 3, size, size)).astype("uint8")
+    label = mx.nd.random.randint(0, 10, shape=(batch,))
+    learners = {}
+    for name, ema in (("without EMA", None), ("with EMA", EmaSettings(0.5, every_steps))):
+        learners[name] = Learner(model=model, classes=10, device=Device("cpu"), ranks=Ranks(), seed=0, lr=0.01,
+                                 momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, first_image_size=size,
+                                 ema=ema)
+        if ema:
+            learners[name].ema.start_phase(steps_per_epoch=1000, global_step=0)
+
+    def timed(fn):
+        mx.nd.waitall()
+        start = time.perf_counter()
+        fn()
+        mx.nd.waitall()
+        return time.perf_counter() - start
+
+    for learner in learners.values():  # warm-up: graph building, first allocations
+        for _ in range(2):
+            timed(lambda: learner.step(data, label, 0.01))
+    times = {name: [] for name in learners}
+    for _ in range(steps):
+        for name, learner in learners.items():
+            # Timed in groups of every_steps so that each group holds exactly one update.
+            times[name].append(timed(lambda: [learner.step(data, label, 0.01) for _ in range(every_steps)])
+                               / every_steps)
+    ema = learners["with EMA"].ema
+    update = statistics.median(timed(ema.update) for _ in range(20))
+    base, with_ema = statistics.median(times["without EMA"]), statistics.median(times["with EMA"])
+    print(f"{model} {size} px batch {batch}, {steps} x {every_steps} steps each, {len(ema.names)} arrays averaged "
+          f"every {every_steps} step(s): median step without EMA {base * 1e3:.1f} ms, with EMA {with_ema * 1e3:.1f} "
+          f"ms ({with_ema / base - 1:+.2%}); one EMA update alone {update * 1e3:.2f} ms ({update / every_steps / base:.2%}"
+          " of a step)")
+
+
 def bench_switch(root, threads, switches=10):
     import mxnet as mx
     import psutil
@@ -170,7 +219,7 @@ def bench_switch(root, threads, switches=10):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("input", "loop", "switch"))
+    p.add_argument("what", choices=("input", "loop", "switch", "ema"))
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batches", type=int, default=30)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -179,9 +228,13 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--switches", type=int, default=10)
+    p.add_argument("--every-steps", type=int, default=1, help="ema: update the average every K steps")
     a = p.parse_args()
     if a.what == "loop":
         bench_loop(a.model, a.size, a.batch, a.steps)
+        return
+    if a.what == "ema":
+        bench_ema(a.model, a.size, a.batch, a.steps, a.every_steps)
         return
     work = tempfile.mkdtemp(prefix="bench_trainer_")
     try:

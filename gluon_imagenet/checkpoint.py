@@ -1,7 +1,8 @@
-"""Checkpoints in a run folder: ckpt-<step>.params (network), .states (optimizer), .json (the record).
+"""Checkpoints in a run folder: ckpt-<step>.params (network), .states (optimizer), .json (the record), and with a
+recipe's `ema` also .ema.params (the weight EMA, in .params' format: ema.py).
 
 Names sort by global step. Every file is written under a temporary name and renamed when complete; the
-.json, written last, holds the size and SHA-256 of the other two, so a damaged or partial checkpoint is
+.json, written last, holds the size and SHA-256 of the others, so a damaged or partial checkpoint is
 recognised and skipped. The trainer writes them, the sweep evaluator reads them.
 """
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from gluon_imagenet.files import atomic_open
 
 NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+PARAMS_NAME = re.compile(r"^(ckpt-\d{8})\.params$")  # not ckpt-<step>.ema.params
+EMA_EXT = ".ema.params"
+REQUIRED_EXTS = (".params", ".states")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Checkpoint:
     @property
     def states_path(self) -> str:
         return self.json_path[: -len(".json")] + ".states"
+
+    @property
+    def ema_params_path(self) -> str:
+        return self.json_path[: -len(".json")] + EMA_EXT
 
     @property
     def name(self) -> str:
@@ -49,13 +57,15 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: str, step: int, net, trainer, record: dict) -> Checkpoint:
-    """Atomically save network, optimizer state and record for global `step` (steps completed)."""
+def save(run_dir: str, step: int, net, trainer, record: dict, extra: dict | None = None) -> Checkpoint:
+    """Atomically save network, optimizer state, the `extra` files ({extension: write(path)}) and the record for
+    global `step` (steps completed)."""
     prefix = prefix_for(run_dir, step)
     files, written = {}, []
+    writers = [(".params", net.save_parameters), (".states", lambda path: save_optimizer_states(trainer, path)),
+               *(extra or {}).items()]
     try:
-        for ext, write in ((".params", net.save_parameters),
-                           (".states", lambda path: save_optimizer_states(trainer, path))):
+        for ext, write in writers:
             temp = f"{prefix}{ext}.partial"
             written.append(temp)
             write(temp)
@@ -115,7 +125,7 @@ def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
             continue  # partial or damaged: not ours to judge here
     doomed = mid[:-keep] if keep else []
     for name in doomed:
-        for ext in (".json", ".params", ".states"):
+        for ext in (".json", ".params", ".states", EMA_EXT):
             path = os.path.join(run_dir, name + ext)
             if os.path.exists(path):
                 os.remove(path)
@@ -131,9 +141,11 @@ def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
         return None, f"unreadable record ({e})"
     step = int(NAME.match(os.path.basename(ckpt_json)).group(1))
     ckpt = Checkpoint(step, ckpt_json, record)
-    for ext, path in ((".params", ckpt.params_path), (".states", ckpt.states_path)):
-        expected = record.get("files", {}).get(ext)
-        if not expected:
+    listed = record.get("files", {}) if isinstance(record.get("files"), dict) else {}
+    prefix = ckpt_json[: -len(".json")]
+    for ext in (*REQUIRED_EXTS, *sorted(set(listed) - set(REQUIRED_EXTS))):
+        path, expected = prefix + ext, listed.get(ext)
+        if not isinstance(expected, dict) or "bytes" not in expected or "sha256" not in expected:
             return None, f"record lists no {ext} file"
         if not os.path.isfile(path):
             return None, f"{os.path.basename(path)} is missing"
@@ -150,8 +162,8 @@ def candidates(run_dir: str) -> list[tuple[str, str | None]]:
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if NAME.match(name):
             found[name[: -len(".json")]] = os.path.join(run_dir, name)
-        elif name.startswith("ckpt-") and name.endswith(".params"):
-            found.setdefault(name[: -len(".params")], None)
+        elif PARAMS_NAME.match(name):
+            found.setdefault(PARAMS_NAME.match(name).group(1), None)
     return sorted(found.items())
 
 

@@ -58,6 +58,14 @@ class Ranks:
             if param.grad_req == "null" and "running" in name:
                 self.horovod.allreduce_(param.data(), op=self.horovod.Average, name=f"running_stats.{name}")
 
+    def average_arrays(self, named_arrays, tag: str) -> None:
+        """Average each (name, NDArray) over the ranks in place; every rank passes the same names in the same
+        order."""
+        if self.horovod is None:
+            return
+        for name, array in named_arrays:
+            self.horovod.allreduce_(array, op=self.horovod.Average, name=f"{tag}.{name}")
+
     def allreduce_sum(self, value: float, name: str) -> float:
         return float(self.allreduce_sums([value], name)[0])
 

@@ -17,6 +17,7 @@ from mxnet.contrib import amp
 from mxnet.contrib.amp.loss_scaler import LossScaler
 
 from gluon_imagenet.devices import Device
+from gluon_imagenet.ema import WeightEMA
 from gluon_imagenet.model import build_model, initialize, no_weight_decay
 
 # Parameters per multi-tensor update for `sgd` on GPUs where MXNET_OPTIMIZER_AGGREGATION_SIZE is unset: NVIDIA's
@@ -43,7 +44,8 @@ class Learner:
 
     def __init__(self, *, model: str, classes: int, device: Device, ranks, seed: int, lr: float, momentum: float,
                  weight_decay: float, label_smoothing: float, first_image_size: int, amp_dtype: str | None = None,
-                 params_path: str | None = None, optimizer: str = "nag", loss_scale: float | str = "dynamic"):
+                 params_path: str | None = None, optimizer: str = "nag", loss_scale: float | str = "dynamic",
+                 ema=None):
         self.ctx, self.classes, self.smoothing, self.amp_dtype = device.context, classes, label_smoothing, amp_dtype
         if amp_dtype:
             amp.init(target_dtype=amp_dtype)  # must run before the network is built
@@ -64,6 +66,8 @@ class Learner:
         ranks.broadcast_parameters(self.net.collect_params())
         mx.nd.waitall()  # the broadcast writes the parameters asynchronously: finish before the graph is built
         self.net.hybridize(static_alloc=True, static_shape=True)
+        # From rank 0's weights, so the averages of the weights agree on every rank (recipe.EmaSettings or None).
+        self.ema = WeightEMA(self.net, ema.half_life_epochs, ema.every_steps) if ema else None
         self.trainer = ranks.make_trainer(self.net.collect_params(), optimizer, {
             "learning_rate": lr, "momentum": momentum, "wd": weight_decay})
         if optimizer == "sgd" and device.kind == "gpu" and "MXNET_OPTIMIZER_AGGREGATION_SIZE" not in os.environ:
@@ -93,6 +97,8 @@ class Learner:
             else:
                 loss.backward()
         self.trainer.step(data.shape[0])
+        if self.ema:
+            self.ema.after_step()
         return loss.mean()
 
     # The AMP loss scaler's whole state: `loss_scale` is a read-only property, and has_overflow() replaces

@@ -75,6 +75,8 @@ class Run:
         metrics = f"{options.run_dir}/metrics.jsonl" if options.run_dir else None
         self.log = ProgressLog(metrics, plan, ranks.size, options.log_every, self.start_step, ranks.is_main,
                                options.tensorboard_dir)
+        if learner.ema and resume_from:
+            restore_ema(learner.ema, resume_from, ranks)
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.time() - self.wall_start
@@ -98,6 +100,8 @@ class Run:
         self.ranks.print(f"phase {phase.index + 1}: epochs {first_epoch}-{phase.epochs[1]}, {phase.image_size} px, "
                          f"batch {phase.batch_size} x {self.ranks.size}, data {phase.data_dir}, lr "
                          f"{phase.lr_start:g} -> {phase.lr_end:g} ({phase.lr_method})")
+        if self.learner.ema:
+            self.learner.ema.start_phase(phase.steps_per_epoch, start)
         tick = time.time()
         iterator = phase_iterator(self.plan, phase, start, self.options, self.ranks, self.device)
         batches = BatchStream(iterator)
@@ -151,6 +155,8 @@ class Run:
 
     def save(self, step: int, loss: float) -> None:
         self.ranks.average_running_stats(self.learner.net)  # every rank takes part
+        if self.learner.ema:
+            self.ranks.average_arrays(self.learner.ema.arrays_that_differ_across_ranks(), "ema")
         if self.bad_steps:
             self.ranks.print(f"warning: not saving step {step}: the loss is not finite", file=sys.stderr)
             return
@@ -163,8 +169,9 @@ class Run:
         failure = ""
         if self.ranks.is_main:
             try:
+                extra = {checkpoint.EMA_EXT: self.learner.ema.save} if self.learner.ema else {}
                 saved = checkpoint.save(self.options.run_dir, step, self.learner.net, self.learner.trainer,
-                                        self.record(step, loss))
+                                        self.record(step, loss), extra)
                 self.last_good = saved.name
                 if self.options.keep_mid_epoch:
                     checkpoint.prune_mid_epoch(self.options.run_dir, self.options.keep_mid_epoch)
@@ -190,11 +197,24 @@ class Run:
                   "amp": self.learner.amp_dtype, "recipe": self.plan.recipe.to_dict()}
         if self.options.trained_on:  # what a resume compares (resume.check)
             record["trained_on"] = self.options.trained_on
+        ema = self.learner.ema
+        if ema:
+            record["ema"] = {"half_life_epochs": ema.half_life_epochs, "every_steps": ema.every_steps}
         scaler = self.learner.loss_scaler_state()
         if scaler:
             record["loss_scaler"] = scaler
             record["loss_scale"] = scaler["loss_scale"]
         return record
+
+
+def restore_ema(ema, ckpt: checkpoint.Checkpoint, ranks) -> None:
+    """The averages saved with the checkpoint; a checkpoint saved without them (an older trainer) starts them
+    from its weights, and says so."""
+    if checkpoint.EMA_EXT in ckpt.record.get("files", {}):
+        ema.load(ckpt.ema_params_path)
+    else:
+        ranks.print(f"warning: {ckpt.name} has no {checkpoint.EMA_EXT} file: the weight EMA starts again from its "
+                    "weights", file=sys.stderr)
 
 
 def running_stats_finite(net) -> bool:

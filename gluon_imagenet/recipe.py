@@ -53,6 +53,14 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """An exponential moving average of the weights and BatchNorm statistics (ema.py), saved beside each
+    checkpoint."""
+    half_life_epochs: float  # epochs of the phase being trained after which the starting weights weigh 1/2
+    every_steps: int = 1  # update every K steps (the decay raised to K)
+
+
+@dataclass(frozen=True)
 class Recipe:
     phases: tuple[Phase, ...]
     reference_workers: int = 8  # number of workers the lr values were written for
@@ -71,6 +79,7 @@ class Recipe:
     warmup_epochs: float = 0.0  # lr ramps linearly from ~0 to the schedule over this many epochs, 0 = off
     eval_image_size: int = 0  # evaluation center crop, pixels; 0 = the last phase's image_size
     eval_data_dir: str = ""  # packed data folder holding val.rec; "" = the last phase's data_dir
+    ema: EmaSettings | None = None  # weight EMA; None = off
     name: str = ""  # free text shown in logs
     source: str = field(default="", compare=False)  # file the recipe came from (not a YAML key)
 
@@ -89,6 +98,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
+        if out["ema"] is None:  # recipes without it keep the digest they had before the field existed
+            out.pop("ema")
         out["phases"] = [
             {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
             for p in self.phases
@@ -162,6 +173,7 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
     kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)
     kwargs["name"] = _text(raw, "name", "", where)
+    kwargs["ema"] = _ema(raw, where)
     if kwargs["warmup_epochs"] > phases[-1].epochs[1]:
         raise RecipeError(
             f"{where}: field 'warmup_epochs': {kwargs['warmup_epochs']} is longer than the whole recipe "
@@ -351,6 +363,41 @@ def _loss_scale(raw, where):
     return scale
 
 
+_EMA_FIELDS = {f.name for f in dataclasses.fields(EmaSettings)}
+
+
+def _ema(raw, where):
+    value = raw.get("ema")
+    if value is None:
+        return None
+    shape = "a mapping {half_life_epochs: H, every_steps: K} (K defaults to 1), or null for off"
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: field 'ema': {value!r} must be {shape}")
+    unknown = sorted(set(map(str, value)) - _EMA_FIELDS)
+    if unknown:
+        raise RecipeError(f"{where}: field 'ema': unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
+                          f"{', '.join(sorted(_EMA_FIELDS))}")
+    if "half_life_epochs" not in value:
+        raise RecipeError(f"{where}: field 'ema.half_life_epochs' is missing: {shape}")
+    half_life = value["half_life_epochs"]
+    try:
+        half_life = _as_float(half_life)
+    except (TypeError, ValueError):
+        half_life = -1.0
+    if half_life <= 0:
+        raise RecipeError(f"{where}: field 'ema.half_life_epochs': {value['half_life_epochs']!r} must be a number "
+                          "of epochs > 0 (e.g. 0.5)")
+    every = value.get("every_steps", 1)
+    try:
+        every = _as_int(every) if not isinstance(every, str) else int("x")
+    except (TypeError, ValueError):
+        every = 0
+    if every < 1:
+        raise RecipeError(f"{where}: field 'ema.every_steps': {value.get('every_steps')!r} must be a whole number "
+                          ">= 1 (update the average every K steps)")
+    return EmaSettings(half_life, every)
+
+
 def _number(raw, key, default, where, minimum, below=None):
     value = _scalar(raw, key, default, where, _as_float, "a number")
     if value < minimum or (below is not None and value >= below):
@@ -446,4 +493,6 @@ _PHASE_FIELDS_IN_ORDER = tuple(f.name for f in dataclasses.fields(Phase))
 
 
 def _shown(value: Any) -> str:
+    if dataclasses.is_dataclass(value):  # as the recipe writes it: {half_life_epochs: ..., every_steps: ...}
+        return repr(dataclasses.asdict(value))
     return repr(list(value) if isinstance(value, tuple) else value)

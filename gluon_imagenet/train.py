@@ -329,7 +329,7 @@ def _main(argv: list[str] | None) -> int:
         plan, recipe = setup.plan, setup.plan.recipe
         learner = Learner(model=args.model, classes=len(setup.classes), device=setup.device, ranks=ranks,
                           seed=args.seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
-                          optimizer=recipe.optimizer, loss_scale=recipe.loss_scale,
+                          optimizer=recipe.optimizer, loss_scale=recipe.loss_scale, ema=recipe.ema,
                           weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
                           first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype,
                           params_path=resume_from.params_path if resume_from else None)

@@ -20,12 +20,14 @@ def measure(setup, ranks, *, synthetic: bool, steps: int, model: str, seed: int,
         recipe = plan.recipe
         learner = Learner(model=model, classes=len(setup.classes), device=setup.device, ranks=ranks,
                           seed=seed, lr=plan.phases[0].lr_start, momentum=recipe.momentum,
-                          optimizer=recipe.optimizer, loss_scale=recipe.loss_scale,
+                          optimizer=recipe.optimizer, loss_scale=recipe.loss_scale, ema=recipe.ema,
                           weight_decay=recipe.weight_decay, label_smoothing=recipe.label_smoothing,
                           first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype)
     options = RunOptions(None, data_root, model, seed, setup.threads, 1, 0, 0, 0)
     rows = []
     for phase in plan.phases:
+        if learner and learner.ema:
+            learner.ema.start_phase(phase.steps_per_epoch, phase.first_step)  # its update is part of the step
         if learner:
             shape = (phase.batch_size, 3, phase.image_size, phase.image_size)
             data = mx.nd.random.randint(0, 256, shape=shape, ctx=ctx).astype("uint8")

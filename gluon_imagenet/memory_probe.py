@@ -41,6 +41,8 @@ class Probe:
     label_smoothing: float
     optimizer: str = "nag"  # recipe.OPTIMIZERS
     loss_scale: float | str = "dynamic"
+    ema_half_life_epochs: float = 0.0  # recipe.ema (0: off): its copy of the weights is memory too
+    ema_every_steps: int = 1
 
 
 def parse_bytes(text: str) -> int:
@@ -48,6 +50,12 @@ def parse_bytes(text: str) -> int:
     if not match or int(match.group(1)) <= 0:
         raise ValueError(f"{BUDGET_VARIABLE}={text!r}: give a number of bytes, e.g. 512M or 16G")
     return int(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+
+
+def ema_settings(probe: Probe):
+    from gluon_imagenet.recipe import EmaSettings
+
+    return EmaSettings(probe.ema_half_life_epochs, probe.ema_every_steps) if probe.ema_half_life_epochs else None
 
 
 def measure(probe: Probe) -> dict:
@@ -62,7 +70,9 @@ def measure(probe: Probe) -> dict:
     learner = make_learner(probe.model, probe.classes, device, probe.amp_dtype, probe.image_size,
                            momentum=probe.momentum, weight_decay=probe.weight_decay,
                            label_smoothing=probe.label_smoothing, optimizer=probe.optimizer,
-                           loss_scale=probe.loss_scale)
+                           loss_scale=probe.loss_scale, ema=ema_settings(probe))
+    if learner.ema:
+        learner.ema.start_phase(1, 0)  # the decay does not change the memory
     data, label = random_batch(probe.batch_size, probe.image_size, probe.classes)
     learner.step(data, label, 0.01).asscalar()  # waits for the step: an out-of-memory error surfaces here
     mx.nd.waitall()
@@ -169,7 +179,8 @@ def phase_probes(plan_phases, model: str, classes: int, device: str, amp_dtype: 
     for number, phase in plan_phases:
         out.append((number, Probe(model, classes, device, amp_dtype, phase.batch_size, phase.image_size,
                                   recipe.momentum, recipe.weight_decay, recipe.label_smoothing, recipe.optimizer,
-                                  recipe.loss_scale)))
+                                  recipe.loss_scale, recipe.ema.half_life_epochs if recipe.ema else 0.0,
+                                  recipe.ema.every_steps if recipe.ema else 1)))
     return out
 
 

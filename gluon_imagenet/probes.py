@@ -94,14 +94,16 @@ def device_from_spec(spec: str):
 
 def make_learner(model: str, classes: int, device, amp_dtype: str | None, image_size: int, *, lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 1e-4, label_smoothing: float = 0.0,
-                 params_path: str | None = None, optimizer: str = "nag", loss_scale: float | str = "dynamic"):
+                 params_path: str | None = None, optimizer: str = "nag", loss_scale: float | str = "dynamic",
+                 ema=None):
     """The trainer's Learner for one process (no Horovod): the optimizer and AMP set-up training uses."""
     from gluon_imagenet.dist import Ranks
     from gluon_imagenet.learner import Learner
 
     return Learner(model=model, classes=classes, device=device, ranks=Ranks(), seed=0, lr=lr, momentum=momentum,
                    weight_decay=weight_decay, label_smoothing=label_smoothing, first_image_size=image_size,
-                   amp_dtype=amp_dtype, params_path=params_path, optimizer=optimizer, loss_scale=loss_scale)
+                   amp_dtype=amp_dtype, params_path=params_path, optimizer=optimizer, loss_scale=loss_scale,
+                   ema=ema)
 
 
 def random_batch(batch_size: int, image_size: int, classes: int):

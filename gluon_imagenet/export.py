@@ -21,8 +21,11 @@ exported only when named (or --best). A checkpoint deleted while export reads it
     model.onnx      with --onnx: the same network for onnxruntime (see gluon_imagenet/onnx_export.py), checked
                     against MXNet's scores before the folder is installed
 
-The input size and centre crop are those of the sweep result that evaluated the checkpoint (the best one when
-it was evaluated at several sizes), else the recipe's evaluation size with a 0.875 crop. The folder is written
+The input size, centre crop and weights are those of the sweep result that chose the checkpoint (--best: the best
+(weights, setting) of all results; else the checkpoint's best result), else the recipe's evaluation size with a
+0.875 crop and the raw weights. With EMA weights best, the exported network holds them; with flip best, model.json's
+preprocess says flip: true and predict averages each image and its mirror. provenance.json records weights, scale
+and flip. The folder is written
 under a temporary name, checked by loading it back with SymbolBlock.imports, and renamed when complete; an
 older export in the same place is replaced. Use it with python -m gluon_imagenet.predict OUT IMAGE...
 

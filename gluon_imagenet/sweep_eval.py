@@ -10,9 +10,17 @@ checkpoint is evaluated at the image size of the phase it was trained in (times 
 phase's packed data: a low-resolution checkpoint scores near zero at the final size. --size-policy fixed uses
 one size for all (--image-size, default the recipe's eval_image_size), as the seed did.
 
+Evaluation is a search over settings, each its own result: --eval-scales 1.0,1.15,1.3 (each scale of the
+checkpoint's size, rounded to a multiple of 8, read from the smallest packed size that holds it; --eval-scale X is
+the one-element case), --flip (also the mean of the softmax of each image and its mirror: the same decoded batch
+flipped on the device, one more forward pass) and --weights raw|ema|both (the EMA weights saved beside a
+checkpoint as <prefix>.ema.params; default both when a checkpoint has them). The table, CSV and plot show per
+checkpoint the default setting (x1, no flip, raw weights) and the best one, named; the time to the target for both.
+
 Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then sweep.png (accuracy against
 training minutes, phases and target marked). A result is reused only for the same checkpoint file (its SHA-256)
-evaluated with the same settings (size, data root and packed data, crop fraction, batch size); a retrained
+evaluated with the same settings (size, data root and packed data, crop fraction, batch size, scale, flip,
+weights and the EMA file's SHA-256); a retrained
 checkpoint or another setting is evaluated again. Several sweeps may run on one run folder at once: each write
 merges into sweep.json under RUN_DIR/sweep.lock. Results of checkpoints no longer in RUN_DIR are dropped (said so).
 A data root whose classes.txt differs from run.json's classes is refused; every result names its data root and

@@ -95,11 +95,14 @@ def main() -> None:
     print(f"{args.model}, {args.images} validation images, batch {args.batch}, {args.threads} threads, CPU; median "
           f"of {args.repeats} interleaved passes")
     base = statistics.median(rates["before"])
-    print(f"{'setting':<10} {'crop':>5} {'img/s':>7} {'vs before':>10}  (min..max img/s)")
+    # Paired: each repeat's pass against the `before` pass of the same repeat, so a load change between repeats
+    # (other processes on a shared machine) falls on both sides of the ratio.
+    print(f"{'setting':<10} {'crop':>5} {'img/s':>7} {'vs before':>10} {'paired':>8}  (min..max img/s)")
     for name, values in rates.items():
         crop = round8(args.size * 1.15) if name == "x1.15" else args.size
         median = statistics.median(values)
-        print(f"{name:<10} {crop:>5} {median:>7.1f} {100 * (median / base - 1):>+9.1f}%  "
+        paired = statistics.median(v / b for v, b in zip(values, rates["before"]))
+        print(f"{name:<10} {crop:>5} {median:>7.1f} {100 * (median / base - 1):>+9.1f}% {100 * (paired - 1):>+7.1f}%  "
               f"({min(values):.1f}..{max(values):.1f})")
 
 

@@ -288,3 +288,29 @@ def test_export_best_takes_the_best_weights_and_setting(searched, tmp_path, shap
                         .astype(np.float64))) / 2
     assert [i for i, _ in got] == list(np.argsort(-expected[0], kind="stable"))
     np.testing.assert_allclose([p for _, p in got], np.sort(expected[0])[::-1], rtol=1e-5)
+
+
+def test_scales_and_flip_share_one_iterator_per_size_per_worker(searched, packed_root, monkeypatch):
+    from gluon_imagenet import data
+    from gluon_imagenet.devices import Device
+    from gluon_imagenet.sweep_eval import Evaluator
+
+    run_dir, _, rows, _ = searched
+    created, real = [], data.val_iterator
+
+    def counted(*args, **kwargs):  # the real iterator, counted
+        created.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "val_iterator", counted)
+    args = parse_args(["--run-dir", run_dir, "--data-root", packed_root, "--batch-size", "16", "--eval-scales",
+                       "1,1.125", "--flip"])
+    check_sweep_args(args)
+    jobs, _, _ = plan_jobs(args, read_run(run_dir), packed_root)
+    assert len(jobs) == 6 and all(j.flips == (False, True) for j in jobs)  # 2 sizes x (1 + 2 weights)
+    evaluator = Evaluator(Device("cpu"), threads=1)
+    results = dict(kv for job in jobs for kv in evaluator.evaluate_all(job))
+    assert len(created) == 2  # one per size: flip and the EMA weights reuse it (reset between passes)
+    stored = {(r["checkpoint"], r["eval_scale"], r["flip"], r["weights"]): (r["top1"], r["top5"]) for r in rows}
+    assert {(r["checkpoint"], r["eval_scale"], r["flip"], r["weights"]): (r["top1"], r["top5"])
+            for r in results.values()} == stored

@@ -31,7 +31,8 @@ def parse_scales(text: str, flag: str = "--eval-scales") -> tuple[float, ...]:
             raise SettingsError(f"{flag} {text}: {part.strip()!r} is not a number; give factors of the checkpoint's "
                                 "size like 1.0,1.15,1.3") from None
         if not (value > 0 and math.isfinite(value)):
-            raise SettingsError(f"{flag} {text}: must be factors > 0 (1 = the checkpoint's own size), not {part.strip()}")
+            raise SettingsError(f"{flag} {text}: must be factors > 0 (1 = the checkpoint's own size), not "
+                                f"{part.strip()}")
         if value in scales:
             raise SettingsError(f"{flag} {text}: {value:g} is given twice; give each scale once")
         scales.append(value)

@@ -224,6 +224,7 @@ def test_raw_and_ema_weights_are_reported_apart(searched, packed_root):
     with open(os.path.join(run_dir, WITH_EMA + ".json")) as f:
         assert ema["ema_sha256"] == json.load(f)["files"][".ema.params"]["sha256"] and raw["ema_sha256"] is None
     assert not [r for r in rows if r["checkpoint"] == WITHOUT_EMA and r["weights"] == "ema"]
+    assert f"{WITH_EMA}.ema" not in proc.stderr  # the EMA file is no checkpoint of its own ("partial")
 
 
 @pytest.mark.parametrize("case", ["damaged", "missing", "--weights ema without them"])

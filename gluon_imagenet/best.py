@@ -2,7 +2,9 @@
 named different checkpoints for one sweep), and the one rule for when top-5 means nothing.
 
 Best = the highest value of the ranking metric, then the higher other metric, then the EARLIER step: of two
-checkpoints scoring the same, the one that got there with less training. The sweep ranks by the metric of its
+checkpoints scoring the same, the one that got there with less training. Every evaluation setting (scale,
+flip, raw or EMA weights) is a result of its own, ranked alike; of equal ones the cheaper setting wins
+(rank_key). The sweep ranks by the metric of its
 target and records it in sweep.json (`ranked_by`), so that `export --best` ranks as the sweep reported.
 """
 from __future__ import annotations
@@ -18,7 +20,11 @@ def other(metric: str) -> str:
 
 
 def rank_key(row: dict, metric: str):
-    return row[metric], row[other(metric)], -int(row["step"])
+    """Ties between settings of one checkpoint go to the cheaper one to use: no flip (one forward pass), raw
+    weights, the scale nearest 1 (then the smaller)."""
+    scale = float(row.get("eval_scale", 1.0))
+    return (row[metric], row[other(metric)], -int(row["step"]), not row.get("flip", False),
+            row.get("weights", "raw") == "raw", -abs(scale - 1), -scale)
 
 
 def best_row(rows: list[dict], metric: str) -> dict:

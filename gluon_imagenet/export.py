@@ -21,8 +21,11 @@ exported only when named (or --best). A checkpoint deleted while export reads it
     model.onnx      with --onnx: the same network for onnxruntime (see gluon_imagenet/onnx_export.py), checked
                     against MXNet's scores before the folder is installed
 
-The input size and centre crop are those of the sweep result that evaluated the checkpoint (the best one when
-it was evaluated at several sizes), else the recipe's evaluation size with a 0.875 crop. The folder is written
+The input size, centre crop and weights are those of the sweep result that chose the checkpoint (--best: the best
+(weights, setting) of all results; else the checkpoint's best result), else the recipe's evaluation size with a
+0.875 crop and the raw weights. With EMA weights best, the exported network holds them; with flip best, model.json's
+preprocess says flip: true and predict averages each image and its mirror. provenance.json records weights, scale
+and flip. The folder is written
 under a temporary name, checked by loading it back with SymbolBlock.imports, and renamed when complete; an
 older export in the same place is replaced. Use it with python -m gluon_imagenet.predict OUT IMAGE...
 
@@ -44,6 +47,7 @@ import sys
 
 from gluon_imagenet import best as best_rule
 from gluon_imagenet import checkpoint, packed, retention
+from gluon_imagenet.eval_settings import DEFAULT_SETTING, EMA_EXT, setting_of
 from gluon_imagenet.packed import read_meta, resize_chain
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
@@ -247,6 +251,23 @@ def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict], best: d
     return recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir, DEFAULT_CROP_FRACTION, None
 
 
+def ema_weights(ckpt: checkpoint.Checkpoint, row: dict) -> str:
+    """The checkpoint's EMA weights file, checked to be the one the sweep result evaluated and intact."""
+    from gluon_imagenet.eval_settings import ema_path, ema_problem, has_ema
+
+    if not has_ema(ckpt.record):
+        raise ExportError(f"the sweep's result for {ckpt.name} used EMA weights, but its record lists no {EMA_EXT} "
+                          "now (the checkpoint was rewritten since); re-run python -m gluon_imagenet.sweep_eval")
+    problem = ema_problem(ckpt)
+    if problem:
+        raise ExportError(f"{ckpt.name}'s EMA weights: {problem}; export its raw weights by re-running the sweep "
+                          "with --weights raw, or name another checkpoint")
+    if row.get("ema_sha256") not in (None, ckpt.record["files"][EMA_EXT]["sha256"]):
+        raise ExportError(f"the sweep evaluated other EMA weights of {ckpt.name} than it holds now (rewritten since); "
+                          "re-run python -m gluon_imagenet.sweep_eval")
+    return ema_path(ckpt)
+
+
 def packer_settings(data_root: str, data_dir: str) -> dict:
     """How the packer made data_dir's validation images: the sizes it resized through, largest first, and JPEG
     quality.
@@ -301,8 +322,9 @@ def out_dir_for(args, name: str) -> str:
 
 
 def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size: int, preprocess: dict,
-                 provenance: dict, with_onnx: bool = False) -> None:
-    """Build the network, load the checkpoint, run one forward pass, export; then check the folder loads."""
+                 provenance: dict, with_onnx: bool = False, weights_path: str | None = None) -> None:
+    """Build the network, load the checkpoint's weights (`weights_path`: its EMA weights; default its .params),
+    run one forward pass, export; then check the folder loads."""
     import mxnet as mx
     import numpy as np
 
@@ -317,7 +339,7 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
     ctx = mx.cpu()
     net = build_model(model, len(classes))
     try:
-        net.load_parameters(ckpt.params_path, ctx=ctx)
+        net.load_parameters(weights_path or ckpt.params_path, ctx=ctx)
     except mx.base.MXNetError:
         if retention.was_pruned(ckpt.json_path, True):  # deleted after it was verified
             raise pruned_error(ckpt.name) from None
@@ -409,10 +431,13 @@ def export(args) -> str:
         except OnnxUnavailable as e:
             raise ExportError(f"--onnx: {e}") from None
     image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best, metric)
+    scale, flip, weights = setting_of(row) if row else DEFAULT_SETTING
+    weights_path = ema_weights(ckpt, row) if weights == "ema" else ckpt.params_path
     data_root = data_root_of(args, run)
+    # flip cannot be inside a single-image graph: predict averages the image and its mirror when it is set.
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
                       crop_fraction=crop_fraction, resize=int(round(image_size / crop_fraction)),
-                      interpolation="bilinear")
+                      interpolation="bilinear", flip=flip)
     top5_meaningful = best_rule.top5_meaningful(len(run["classes"]))
     accuracy = None if row is None else {k: row.get(k) for k in ("top1", "top5", "images", "image_size", "data_dir")}
     if accuracy:
@@ -424,6 +449,9 @@ def export(args) -> str:
         "run_dir": os.path.abspath(args.run_dir), "checkpoint": name, "chosen_by": how, "step": ckpt.step,
         "epoch": ckpt.record.get("epoch"), "final": ckpt.record.get("final"),
         "params_sha256": ckpt.record["files"][".params"]["sha256"],
+        "weights": weights, "eval_scale": scale, "flip": flip,
+        "weights_sha256": ckpt.record["files"][EMA_EXT if weights == "ema" else ".params"]["sha256"],
+        "ema": ckpt.record.get("ema") if weights == "ema" else None,
         "recipe": {"name": run["recipe"].get("name"), "digest": run.get("recipe_digest"),
                    "file": run.get("recipe_file")},
         "sweep_accuracy": accuracy, "data_root": data_root, "data_identity": current_identity(data_root, data_dir),
@@ -431,10 +459,12 @@ def export(args) -> str:
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance,
-                                                                args.onnx))
+                                                                args.onnx, weights_path))
     top5 = f"{row['top5']:.2%}" if row and top5_meaningful else "n/a"
     top = f", sweep top-1 {row['top1']:.2%} top-5 {top5}" if row else ", not evaluated by a sweep"
     print(f"{name} (step {ckpt.step}, epoch {ckpt.record.get('epoch', 0):.2f}{top}) chosen by {how}")
+    print(f"setting: {'EMA' if weights == 'ema' else 'raw'} weights, scale x{scale:g} ({image_size} px), "
+          f"{'flip: predict averages each image and its mirror' if flip else 'no flip'}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
           f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run['classes'])} classes")
     if args.onnx:

@@ -218,7 +218,10 @@ def predict(net, meta: dict, paths: list[str], top: int, ctx: mx.Context | None 
             errors.append((path, why))
         if not ready:
             continue
-        probs = softmax(scores(net, np.stack([x for _, x in ready]), ctx))
+        batch = np.stack([x for _, x in ready])
+        probs = softmax(scores(net, batch, ctx))
+        if meta["preprocess"].get("flip"):  # chosen by the sweep: the mean of the image's and its mirror's softmax
+            probs = (probs + softmax(scores(net, np.ascontiguousarray(batch[..., ::-1]), ctx))) / 2
         for (path, _), p in zip(ready, probs):
             best = np.argsort(-p, kind="stable")[:top]
             results.append((path, [(int(i), float(p[i])) for i in best]))

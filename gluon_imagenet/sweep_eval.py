@@ -10,9 +10,17 @@ checkpoint is evaluated at the image size of the phase it was trained in (times 
 phase's packed data: a low-resolution checkpoint scores near zero at the final size. --size-policy fixed uses
 one size for all (--image-size, default the recipe's eval_image_size), as the seed did.
 
+Evaluation is a search over settings, each its own result: --eval-scales 1.0,1.15,1.3 (each scale of the
+checkpoint's size, rounded to a multiple of 8, read from the smallest packed size that holds it; --eval-scale X is
+the one-element case), --flip (also the mean of the softmax of each image and its mirror: the same decoded batch
+flipped on the device, one more forward pass) and --weights raw|ema|both (the EMA weights saved beside a
+checkpoint as <prefix>.ema.params; default both when a checkpoint has them). The table, CSV and plot show per
+checkpoint the default setting (x1, no flip, raw weights) and the best one, named; the time to the target for both.
+
 Results go to RUN_DIR/sweep.json and sweep.csv as each checkpoint finishes, then sweep.png (accuracy against
 training minutes, phases and target marked). A result is reused only for the same checkpoint file (its SHA-256)
-evaluated with the same settings (size, data root and packed data, crop fraction, batch size); a retrained
+evaluated with the same settings (size, data root and packed data, crop fraction, batch size, scale, flip,
+weights and the EMA file's SHA-256); a retrained
 checkpoint or another setting is evaluated again. Several sweeps may run on one run folder at once: each write
 merges into sweep.json under RUN_DIR/sweep.lock. Results of checkpoints no longer in RUN_DIR are dropped (said so).
 A data root whose classes.txt differs from run.json's classes is refused; every result names its data root and
@@ -28,7 +36,7 @@ checkpoints) and the packed data; it shares nothing with the training loop.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -37,11 +45,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from gluon_imagenet import best, checkpoint, locks, packed, retention, stops
 from gluon_imagenet.devices import Device, decode_threads, usable_cpus
+from gluon_imagenet.eval_settings import (EMA_EXT, WEIGHTS, SettingsError, describe_setting, ema_problem, is_default,
+                                          parse_scales, setting_of, weights_for)
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
+from gluon_imagenet.sweep_jobs import Job, count_hits, count_hits_per_flip, flip_averaged  # noqa: F401
 from gluon_imagenet.sweep_results import REQUIRED_FIELDS, RESULT_FIELDS, ResultStore  # noqa: F401
 from gluon_imagenet.sweep_report import (SEED_TARGET_TOP1, SEED_TARGET_TOP5, best_row, describe_target,  # noqa: F401
                                          format_table, plot, plot_data, ranking_metric, resolve_targets,
@@ -51,34 +61,6 @@ from gluon_imagenet.sweep_report import (SEED_TARGET_TOP1, SEED_TARGET_TOP5, bes
 
 class SweepError(Exception):
     """Something to fix before evaluating."""
-
-
-@dataclass(frozen=True)
-class Job:
-    checkpoint: str  # name, e.g. ckpt-00001302
-    params_path: str
-    model: str
-    classes: int
-    image_size: int
-    data_dir: str
-    record: dict
-    crop_fraction: float
-    batch_size: int
-    data_root: str  # absolute
-    data_id: str  # what identifies the packed validation data (pack.json's key, else the file's size and time)
-
-    @property
-    def params_sha256(self) -> str:
-        return self.record.get("files", {}).get(".params", {}).get("sha256", "")
-
-    @property
-    def key(self) -> str:
-        """Every input that changes the answer: the checkpoint file itself, the crop, the data, the batching.
-        Readable name and size first; the rest as a digest."""
-        settings = json.dumps([self.params_sha256, self.data_root, self.data_id, self.crop_fraction,
-                               self.batch_size], sort_keys=True)
-        digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
-        return f"{self.checkpoint}@{self.image_size}/{self.data_dir}#{digest}"
 
 
 # ------------------------------------------------------------------------------------------------ checking
@@ -92,8 +74,14 @@ def parse_args(argv):
     devices.add_argument("--workers", type=int, default=1, help="CPU worker processes (default: 1)")
     p.add_argument("--size-policy", choices=("phase", "fixed"), default="phase")
     p.add_argument("--image-size", type=int, help="evaluation crop for --size-policy fixed (default: the recipe's)")
-    p.add_argument("--eval-scale", type=float, default=1.0,
-                   help="--size-policy phase: evaluate at the phase's size times this, rounded to a multiple of 8")
+    p.add_argument("--eval-scales", help="evaluate each checkpoint at its size (the phase's, or the fixed one) times "
+                   "each of these factors, e.g. 1.0,1.15,1.3, rounded to a multiple of 8; each is its own result "
+                   "(default: 1)")
+    p.add_argument("--eval-scale", type=float, help="one factor: the same as --eval-scales with one value")
+    p.add_argument("--flip", action="store_true", help="also evaluate every setting averaging the softmax of each "
+                   "image and its horizontal mirror (one more forward pass of the same decoded batch)")
+    p.add_argument("--weights", choices=WEIGHTS, help="raw (.params), ema (the EMA weights saved beside it) or both "
+                   "(default: both when a checkpoint has EMA weights, else raw)")
     p.add_argument("--crop-fraction", type=float, default=0.875,
                    help="center crop / resized short side, in (0, 1] (default: 0.875)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -119,7 +107,8 @@ def check_args(args) -> None:
         ("--workers", args.workers, args.gpus is None and args.workers < 1, "a whole number >= 1"),
         ("--image-size", args.image_size, args.image_size is not None and args.image_size < 1,
          "a crop size in pixels, >= 1"),
-        ("--eval-scale", args.eval_scale, not args.eval_scale > 0, "a factor > 0 (1 = the phase's own size)"),
+        ("--eval-scale", args.eval_scale, args.eval_scale is not None and not args.eval_scale > 0,
+         "a factor > 0 (1 = the checkpoint's own size)"),
         ("--crop-fraction", args.crop_fraction, not 0 < args.crop_fraction <= 1, "in (0, 1], e.g. 0.875"),
         ("--batch-size", args.batch_size, args.batch_size < 1, "a whole number >= 1"),
         ("--every", args.every, args.every < 1, "a whole number >= 1 (1 = every checkpoint)"),
@@ -135,6 +124,14 @@ def check_args(args) -> None:
     for flag, value, bad, allowed in rules:
         if bad:
             raise SweepError(f"{flag} {value:g}: must be {allowed}")
+    if args.eval_scale is not None and args.eval_scales is not None:
+        raise SweepError(f"--eval-scale {args.eval_scale:g} and --eval-scales {args.eval_scales}: give one of them "
+                         "(--eval-scale X is --eval-scales X)")
+    try:
+        args.scales = parse_scales(args.eval_scales) if args.eval_scales is not None else (args.eval_scale or 1.0,)
+    except SettingsError as e:
+        raise SweepError(str(e)) from None
+    args.eval_scale = args.scales[0]  # the setting the TensorBoard run is named after and shows
 
 
 def read_run(run_dir: str) -> dict:
@@ -186,13 +183,16 @@ def round8(size: float) -> int:
     return max(8, int(round(size / 8)) * 8)
 
 
-def eval_size(args, run: dict, record: dict) -> tuple[int, str]:
-    """(crop size, packed data dir) for one checkpoint under the chosen size policy."""
+def eval_size(args, run: dict, record: dict, scale: float | None = None) -> tuple[int, str]:
+    """(crop size, preferred packed data dir) for one checkpoint under the chosen size policy, times `scale`
+    (default: the first of --eval-scales)."""
+    scale = args.scales[0] if scale is None else scale
     if args.size_policy == "fixed":
         recipe = run_recipe(run)  # the recipe's own rule for its evaluation defaults
-        return args.image_size or recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir
-    size = record["image_size"] if args.eval_scale == 1 else round8(record["image_size"] * args.eval_scale)
-    return size, record["data_dir"]
+        base, preferred = args.image_size or recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir
+    else:
+        base, preferred = record["image_size"], record["data_dir"]
+    return (base if scale == 1 else round8(base * scale)), preferred
 
 
 def run_recipe(run: dict):
@@ -231,8 +231,9 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
 def check_phase_data(args, run: dict, data_root: str) -> None:
     """--watch: every phase's validation data exists before the first checkpoint of it is written."""
     for phase in run["phases"]:
-        size, preferred = eval_size(args, run, phase)
-        data_dir_for(data_root, size, preferred, args.crop_fraction)
+        for scale in args.scales:
+            size, preferred = eval_size(args, run, phase, scale)
+            data_dir_for(data_root, size, preferred, args.crop_fraction)
 
 
 def check_classes(run: dict, data_root: str) -> None:
@@ -273,10 +274,11 @@ class Verifier:
         self.run_dir = run_dir
         self._known: dict[str, tuple] = {}  # name -> (file stamps, (checkpoint or None, problem))
         self._had_record: set[str] = set()  # names seen with their record: one without it now was pruned
+        self._ema_known: dict[str, tuple] = {}  # name -> (file stamps, problem of its EMA file)
 
     def _stamp(self, name: str) -> tuple:
         stamps = []
-        for ext in (".json", ".params", ".states"):
+        for ext in (".json", ".params", ".states", EMA_EXT):
             try:
                 st = os.stat(os.path.join(self.run_dir, name + ext))
                 stamps.append((st.st_size, st.st_mtime_ns, st.st_ino))
@@ -289,6 +291,8 @@ class Verifier:
         good, bad = [], []
         # checkpoint's own listing and check, so both readers agree on what a checkpoint is.
         for name, record_path in checkpoint.candidates(self.run_dir):
+            if record_path is None and name.endswith(EMA_EXT[: -len(".params")]):
+                continue  # ckpt-<step>.ema.params: a checkpoint's EMA weights (checked with it), not a partial save
             stamp = self._stamp(name)  # before hashing: a file changed meanwhile differs at the next look
             known = self._known.get(name)
             if known and known[0] == stamp:
@@ -306,6 +310,14 @@ class Verifier:
                 bad.append((name, why))
         return good, bad
 
+    def ema_problem(self, ckpt: checkpoint.Checkpoint) -> str:
+        """ema_settings.ema_problem, hashed once per version of the files (like scan)."""
+        stamp = self._stamp(ckpt.name)
+        known = self._ema_known.get(ckpt.name)
+        if not known or known[0] != stamp:
+            known = self._ema_known[ckpt.name] = (stamp, ema_problem(ckpt))
+        return known[1]
+
 
 def select(args, good: list) -> list:
     selected = [c for c in good if c.record.get("epoch", 0) >= args.from_epoch][:: args.every]
@@ -314,15 +326,31 @@ def select(args, good: list) -> list:
 
 def plan_jobs(args, run: dict, data_root: str, verifier: Verifier | None = None):
     """(jobs for the selected checkpoints, [(name, problem)] for damaged ones, every intact checkpoint)."""
-    good, bad = (verifier or Verifier(args.run_dir)).scan()
+    verifier = verifier or Verifier(args.run_dir)
+    good, bad = verifier.scan()
     root = os.path.abspath(data_root)
+    flips = (False, True) if getattr(args, "flip", False) else (False,)
+    scales = getattr(args, "scales", None) or (1.0,)
     jobs = []
     for c in select(args, good):
-        size, preferred = eval_size(args, run, c.record)
-        data_dir = data_dir_for(data_root, size, preferred, args.crop_fraction)
-        jobs.append(Job(c.name, c.params_path, c.record.get("model", run.get("model")),
-                        c.record.get("classes", len(run.get("classes", []))), size, data_dir, c.record,
-                        args.crop_fraction, args.batch_size, root, data_identity(data_root, data_dir)))
+        weights, why = weights_for(getattr(args, "weights", None), c.record)
+        if "ema" in weights:
+            problem = verifier.ema_problem(c)
+            if problem:
+                weights, why = [w for w in weights if w != "ema"], problem
+        if why:  # the checkpoint's EMA weights only: its raw weights are still evaluated unless --weights ema
+            bad.append((f"the EMA weights of {c.name}" if weights else c.name, why))
+        sizes = {}  # two scales rounding to one size are one evaluation: the first scale names it
+        for scale in scales:
+            size, preferred = eval_size(args, run, c.record, scale)
+            sizes.setdefault(size, (scale, preferred))
+        for size, (scale, preferred) in sizes.items():
+            data_dir = data_dir_for(data_root, size, preferred, args.crop_fraction)
+            for w in weights:
+                jobs.append(Job(c.name, c.params_path, c.record.get("model", run.get("model")),
+                                c.record.get("classes", len(run.get("classes", []))), size, data_dir, c.record,
+                                args.crop_fraction, args.batch_size, root, data_identity(data_root, data_dir),
+                                scale, flips, w))
     return jobs, bad, good
 
 
@@ -344,26 +372,6 @@ def check_devices(args) -> list[Device]:
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
-def count_hits(net, ctx, iterator, total: int, batch_size: int) -> tuple[int, int, int]:
-    """(top-1 hits, top-5 hits, images) over one pass of a freshly reset validation iterator, each image counted
-    exactly once."""
-    import mxnet as mx
-
-    top1 = top5 = seen = 0
-    for batch in iterator:
-        # round_batch=False fills the last batch with stale samples and reports pad=0: count real ones here.
-        real = min(batch_size, total - seen)
-        if real <= 0:
-            break
-        scores = net(batch.data[0].as_in_context(ctx))[:real]
-        labels = batch.label[0][:real].as_in_context(ctx).reshape((-1, 1))
-        ranked = mx.nd.topk(scores, k=min(5, scores.shape[1]), ret_typ="indices").astype(labels.dtype)
-        top1 += int((ranked[:, 0:1] == labels).sum().asscalar())
-        top5 += int((ranked == labels).sum().asscalar())
-        seen += real
-    return top1, top5, seen
-
-
 class Evaluator:
     """One worker's networks and validation iterators, kept for all its checkpoints.
 
@@ -401,22 +409,33 @@ class Evaluator:
         return iterator, total
 
     def evaluate(self, job: Job) -> dict:
+        """The result of the job's first flip setting (see evaluate_all)."""
+        return self.evaluate_all(job)[0][1]
+
+    def evaluate_all(self, job: Job) -> list[tuple[str, dict]]:
+        """[(key, result)] for each of the job's flip settings, from one pass over the validation data."""
         start = time.time()
         net = self.net(job.model, job.classes)
-        net.load_parameters(job.params_path, ctx=self.ctx)
+        net.load_parameters(job.weights_path, ctx=self.ctx)
         iterator, total = self.iterator(job.data_root, job.data_dir, job.image_size, job.batch_size,
                                         job.crop_fraction)
-        top1, top5, images = count_hits(net, self.ctx, iterator, total, job.batch_size)
-        if images != total:
-            raise RuntimeError(f"evaluated {images} validation images of {total} in {job.data_dir}")
+        counted = count_hits_per_flip(net, self.ctx, iterator, total, job.batch_size, job.flips)
+        seconds = round(time.time() - start, 2)
         r = job.record
-        return {"checkpoint": job.checkpoint, "step": r["step"], "epoch": round(r["epoch"], 4),
+        rows = []
+        for flip, (top1, top5, images) in zip(job.flips, counted):
+            if images != total:
+                raise RuntimeError(f"evaluated {images} validation images of {total} in {job.data_dir}")
+            rows.append((job.key_for(flip), {
+                "checkpoint": job.checkpoint, "step": r["step"], "epoch": round(r["epoch"], 4),
                 "train_seconds": round(r["train_seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
                 "image_size": job.image_size, "data_dir": job.data_dir, "crop_fraction": job.crop_fraction,
                 "batch_size": job.batch_size, "data_root": job.data_root, "data_id": job.data_id,
+                "eval_scale": job.eval_scale, "flip": flip, "weights": job.weights, "ema_sha256": job.ema_sha256,
                 "params_sha256": job.params_sha256, "top1": top1 / images, "top5": top5 / images, "images": images,
                 "classes": job.classes, "top5_meaningful": best.top5_meaningful(job.classes),
-                "eval_seconds": round(time.time() - start, 2), "device": str(self.device)}
+                "eval_seconds": seconds, "device": str(self.device)}))
+        return rows
 
 
 def worker_main(device: Device, jobs: list[Job], threads: int, results) -> None:
@@ -425,14 +444,17 @@ def worker_main(device: Device, jobs: list[Job], threads: int, results) -> None:
     evaluator = Evaluator(device, threads)
     for job in jobs:
         try:
-            row = evaluator.evaluate(job)
+            rows = evaluator.evaluate_all(job)
         except Exception as e:  # one bad checkpoint must not stop the others
-            if retention.was_pruned(job.params_path[: -len(".params")] + ".json", True):
-                results.put(("pruned", job.key, retention.PRUNED))
-            else:
-                results.put(("error", job.key, f"{type(e).__name__}: {e}"))
+            pruned = retention.was_pruned(job.params_path[: -len(".params")] + ".json", True)
+            for key in job.keys:
+                if pruned:
+                    results.put(("pruned", key, retention.PRUNED))
+                else:
+                    results.put(("error", key, f"{type(e).__name__}: {e}"))
             continue
-        results.put(("done", job.key, row))
+        for key, row in rows:
+            results.put(("done", key, row))
 
 
 def start_worker(proc) -> None:
@@ -446,8 +468,8 @@ def start_worker(proc) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore",
-             board=None) -> tuple[dict[str, str], dict[str, str]]:
+def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore", board=None,
+             board_scale: float = 1.0) -> tuple[dict[str, str], dict[str, str]]:
     """Round-robin over devices; results stored (and drawn on the TensorBoard `board`) as they arrive. Returns
     (errors, pruned checkpoints) by job key.
     On any way out (a stop included) the workers are killed: they ignore SIGINT and SIGTERM."""
@@ -461,8 +483,8 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore",
             if share:
                 proc = context.Process(target=worker_main, args=(device, share, threads, results), daemon=True)
                 start_worker(proc)
-                processes.append((proc, {j.key for j in share}))
-        return collect(jobs, processes, results, store, board)
+                processes.append((proc, {k for j in share for k in j.keys}))
+        return collect(jobs, processes, results, store, board, board_scale)
     finally:
         for proc, _ in processes:
             if proc.is_alive():
@@ -470,11 +492,11 @@ def run_jobs(jobs: list[Job], devices: list[Device], store: "ResultStore",
             proc.join(timeout=30)
 
 
-def collect(jobs: list[Job], processes: list, results, store: "ResultStore", board=None):
+def collect(jobs: list[Job], processes: list, results, store: "ResultStore", board=None, board_scale: float = 1.0):
     from tqdm import tqdm
 
-    pending, errors, pruned = {j.key for j in jobs}, {}, {}
-    with tqdm(total=len(jobs), desc="checkpoints", unit="ckpt", file=sys.stderr) as bar:  # closed before a stop's line
+    pending, errors, pruned = {k for j in jobs for k in j.keys}, {}, {}
+    with tqdm(total=len(pending), desc="checkpoints", unit="result", file=sys.stderr) as bar:  # closed before a stop's line
         images = 0
         start = time.time()
         while pending:
@@ -491,9 +513,10 @@ def collect(jobs: list[Job], processes: list, results, store: "ResultStore", boa
             pending.discard(key)
             if kind == "done":
                 store.add(key, payload)
-                if board is not None:
-                    board.add(payload)
-                images += payload["images"]
+                if board is not None and setting_of(payload) == (board_scale, False, "raw"):
+                    board.add(payload)  # one curve: the first scale's, raw weights, no flip
+                if not payload["flip"]:  # one decode per image, whatever the flips
+                    images += payload["images"]
                 bar.set_postfix_str(f"{images / (time.time() - start):.0f} img/s")
             else:
                 (pruned if kind == "pruned" else errors)[key] = payload
@@ -525,21 +548,37 @@ def accuracies(row: dict, top5_meaningful: bool) -> str:
 
 
 def report(args, run: dict, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
-    rows = store.rows(j.key for j in jobs)
+    """The table (per checkpoint: the default setting and the best one), the time to the targets of both, the
+    best result, sweep.png."""
+    rows = store.rows(k for j in jobs for k in j.keys)
     if not rows:
         return
     top5_meaningful = best.top5_meaningful(len(run["classes"]))
-    print(format_table(rows, top5_meaningful))
-    hit = time_to_accuracy(rows, *targets)
-    wanted = describe_target(*targets)
     metric = ranking_metric(*targets)
+    print(format_table(rows, top5_meaningful, metric))
+    wanted = describe_target(*targets)
     store.set_ranked_by(metric)  # export --best ranks as this report does
-    if hit:
-        print(f"time to {wanted}: {hit['train_seconds']:.1f} s of training ({hit['wall_seconds']:.1f} s wall), "
-              f"step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']} ({accuracies(hit, top5_meaningful)})")
-    else:
+    several = any(not is_default(r) for r in rows)
+    series = [("default setting (x1 raw, no flip)", [r for r in rows if is_default(r)]),
+              ("best setting per checkpoint", rows)] if several else [("", rows)]
+    for label, chosen_rows in series:
+        hit = time_to_accuracy(chosen_rows, *targets)
+        of = f" ({label})" if label else ""
+        if hit:
+            setting = f", setting {describe_setting(hit)}" if several else ""
+            print(f"time to {wanted}{of}: {hit['train_seconds']:.1f} s of training ({hit['wall_seconds']:.1f} s "
+                  f"wall), step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']}{setting} "
+                  f"({accuracies(hit, top5_meaningful)})")
+        elif label and chosen_rows:
+            print(f"time to {wanted}{of}: not reached")
+    if not time_to_accuracy(rows, *targets):
         chosen = best_row(rows, *targets)
+        setting = f"setting {describe_setting(chosen)}, " if several else ""
         print(f"no checkpoint reached {wanted}: the best is {chosen['checkpoint']} "
+              f"({setting}{accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
+    elif several:
+        chosen = best_row(rows, *targets)
+        print(f"the best result: {chosen['checkpoint']} with setting {describe_setting(chosen)} "
               f"({accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
     png = os.path.join(args.run_dir, "sweep.png")
     plot(plot_data(rows, run, targets, f"{args.run_dir}: {args.size_policy} size policy, center crop "
@@ -587,11 +626,18 @@ class Sweep:
         if gone:
             print(f"dropped the results of {len(gone)} checkpoint(s) no longer in {self.args.run_dir} (deleted or "
                   f"pruned by the trainer's retention): {', '.join(gone)}")
-        todo = [j for j in self.jobs if j.key not in self.store.results and j.key not in self.failed]
-        if len(todo) < len(self.jobs) and not self.passes:
-            print(f"{len(self.jobs) - len(todo)} checkpoint(s) already evaluated with these settings")
+        todo = []
+        for j in self.jobs:  # only the flip settings not evaluated yet (one pass gives both anyway)
+            flips = tuple(f for f in j.flips
+                          if j.key_for(f) not in self.store.results and j.key_for(f) not in self.failed)
+            if flips:
+                todo.append(dataclasses.replace(j, flips=flips))
+        done = {j.checkpoint for j in self.jobs} - {j.checkpoint for j in todo}
+        if done and not self.passes:
+            print(f"{len(done)} checkpoint(s) already evaluated with these settings")
         self.passes += 1
-        errors, pruned = run_jobs(todo, self.devices, self.store, self.board) if todo else ({}, {})
+        errors, pruned = (run_jobs(todo, self.devices, self.store, self.board, self.args.scales[0]) if todo
+                          else ({}, {}))
         for key, why in errors.items():
             print(f"failed: {key}: {why}", file=sys.stderr)
         for key, why in pruned.items():
@@ -689,7 +735,7 @@ def sweep_main(args) -> int:
             return 2
         sweep.evaluate()
     report(args, run, sweep.store, sweep.jobs, targets)
-    if not sweep.store.rows(j.key for j in sweep.jobs):
+    if not sweep.store.rows(k for j in sweep.jobs for k in j.keys):
         print("error: no checkpoint could be evaluated", file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from gluon_imagenet import best
+from gluon_imagenet.eval_settings import describe_setting, is_default
 
 SEED_TARGET_TOP5 = 0.93  # the seed's goal when no target is given
 # With top-5 meaningless (5 classes or fewer) the default target is top-1: ResNet-50's published top-1 at the
@@ -40,13 +41,34 @@ def best_row(rows: list[dict], target_top5: float | None, target_top1: float | N
     return best.best_row(rows, ranking_metric(target_top5, target_top1))
 
 
-def format_table(rows: list[dict], top5_meaningful: bool = True) -> str:
-    lines = [f"{'checkpoint':<14} {'epoch':>7} {'step':>7} {'train s':>9} {'size':>5} {'top-1':>7} {'top-5':>7} "
-             f"{'images':>7}"]
-    for r in rows:
-        top5 = f"{r['top5']:>7.2%}" if top5_meaningful else f"{'n/a':>7}"
-        lines.append(f"{r['checkpoint']:<14} {r['epoch']:>7.2f} {r['step']:>7} {r['train_seconds']:>9.1f} "
-                     f"{r['image_size']:>5} {r['top1']:>7.2%} {top5} {r['images']:>7}")
+def per_checkpoint(rows: list[dict], metric: str = "top5") -> list[dict]:
+    """Per checkpoint (by step): its default-setting result (scale 1, no flip, raw weights; None when not evaluated)
+    and its best result over every setting (gluon_imagenet.best's rule)."""
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["step"]):
+        groups.setdefault(r["checkpoint"], []).append(r)
+    return [{"checkpoint": name, "default": next((r for r in group if is_default(r)), None),
+             "best": best.best_row(group, metric)} for name, group in groups.items()]
+
+
+def format_table(rows: list[dict], top5_meaningful: bool = True, metric: str = "top5") -> str:
+    """One line per checkpoint and setting shown: its default setting, and its best one when that is another
+    (named: scale, flip, weights)."""
+    lines = [f"{'checkpoint':<14} {'epoch':>7} {'step':>7} {'train s':>9} {'setting':<20} {'weights':<7} {'size':>5} "
+             f"{'top-1':>7} {'top-5':>7} {'images':>7}"]
+    for entry in per_checkpoint(rows, metric):
+        shown = [("default", entry["default"])] if entry["default"] is not None else []
+        if entry["best"] is entry["default"]:
+            shown = [("default (best)" if len(rows) > len(per_checkpoint(rows, metric)) else "default",
+                      entry["default"])]
+        else:
+            scale_flip = describe_setting(entry["best"]).rsplit(" ", 1)[0]
+            shown.append((f"best: {scale_flip}", entry["best"]))
+        for label, r in shown:
+            top5 = f"{r['top5']:>7.2%}" if top5_meaningful else f"{'n/a':>7}"
+            lines.append(f"{r['checkpoint']:<14} {r['epoch']:>7.2f} {r['step']:>7} {r['train_seconds']:>9.1f} "
+                         f"{label:<20} {r.get('weights', 'raw'):<7} {r['image_size']:>5} {r['top1']:>7.2%} {top5} "
+                         f"{r['images']:>7}")
     if not top5_meaningful:
         lines.append(f"top-5 n/a: with {best.TOP5_MEANINGLESS_CLASSES} classes or fewer it is 100% for any network")
     return "\n".join(lines)
@@ -73,8 +95,15 @@ def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | 
     """Everything sweep.png shows, as numbers: accuracy against training minutes, where each phase starts (in
     minutes, interpolated between the checkpoints around its first step) and its image size, the target lines,
     and the first checkpoint reaching the targets."""
-    rows = sorted(rows, key=lambda r: r["step"])
-    points = [(0, 0.0)] + [(r["step"], float(r["train_seconds"])) for r in rows]
+    every = sorted(rows, key=lambda r: r["step"])
+    metric = ranking_metric(*targets)
+    entries = per_checkpoint(every, metric)
+    # The main curves: the default setting (all results before settings existed); the best setting per
+    # checkpoint is drawn beside it when other settings were evaluated.
+    rows = [e["default"] for e in entries if e["default"] is not None] or [e["best"] for e in entries]
+    several = any(not is_default(r) for r in every)
+    best_rows = [e["best"] for e in entries]
+    points = [(0, 0.0)] + [(r["step"], float(r["train_seconds"])) for r in best_rows]
     phases = []
     for i, p in enumerate(run["phases"]):
         minutes = 0.0 if i == 0 else _minutes_at(p["first_step"], points)
@@ -83,8 +112,8 @@ def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | 
     target_top5, target_top1 = targets
     lines = [{"metric": m, "value": v, "label": f"target {name} {v:.1%}"}
              for m, name, v in (("top5", "top-5", target_top5), ("top1", "top-1", target_top1)) if v is not None]
-    metric = ranking_metric(target_top5, target_top1)
     hit = time_to_accuracy(rows, target_top5, target_top1)
+    hit_best = time_to_accuracy(every, target_top5, target_top1) if several else None
     return {
         "title": title,
         "checkpoints": [r["checkpoint"] for r in rows],
@@ -97,6 +126,15 @@ def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | 
             "checkpoint": hit["checkpoint"], "minutes": round(hit["train_seconds"] / 60, 4), "metric": metric,
             "value": hit[metric],
             "label": f"first to reach: {hit['checkpoint']}\n({hit['train_seconds'] / 60:.1f} min)"},
+        "best": None if not several else {
+            "checkpoints": [r["checkpoint"] for r in best_rows], "settings": [describe_setting(r) for r in best_rows],
+            "minutes": [round(r["train_seconds"] / 60, 4) for r in best_rows],
+            "top1": [r["top1"] for r in best_rows], "top5": [r["top5"] for r in best_rows]},
+        "hit_best": None if hit_best is None else {
+            "checkpoint": hit_best["checkpoint"], "minutes": round(hit_best["train_seconds"] / 60, 4),
+            "metric": metric, "value": hit_best[metric], "setting": describe_setting(hit_best),
+            "label": f"first to reach, best setting: {hit_best['checkpoint']} ({describe_setting(hit_best)})\n"
+                     f"({hit_best['train_seconds'] / 60:.1f} min)"},
     }
 
 
@@ -109,9 +147,16 @@ def plot(data: dict, path: str) -> None:
     from matplotlib.ticker import PercentFormatter
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label="top-1")
+    of_default = ", default setting" if data.get("best") else ""
+    ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label=f"top-1{of_default}")
     if data.get("top5_meaningful", True):
-        ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label="top-5")
+        ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label=f"top-5{of_default}")
+    if data.get("best"):
+        ax.plot(data["best"]["minutes"], data["best"]["top1"], "o--", color="tab:cyan",
+                label="top-1, best setting per checkpoint")
+        if data.get("top5_meaningful", True):
+            ax.plot(data["best"]["minutes"], data["best"]["top5"], "s--", color="gold",
+                    label="top-5, best setting per checkpoint")
     else:  # a flat 100% line would read as a result
         ax.plot([], [], " ", label=f"top-5 not shown: 100% with <= {best.TOP5_MEANINGLESS_CLASSES} classes")
     for i, phase in enumerate(data["phases"]):
@@ -128,6 +173,10 @@ def plot(data: dict, path: str) -> None:
     if hit:
         ax.plot([hit["minutes"]], [hit["value"]], marker="*", markersize=20, color="crimson", linestyle="none",
                 zorder=5, label=hit["label"])
+    if data.get("hit_best"):
+        hb = data["hit_best"]
+        ax.plot([hb["minutes"]], [hb["value"]], marker="*", markersize=16, color="darkviolet", linestyle="none",
+                zorder=5, label=hb["label"])
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1.02)

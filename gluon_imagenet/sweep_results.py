@@ -11,7 +11,8 @@ from gluon_imagenet import best, locks
 from gluon_imagenet.files import atomic_open
 
 RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir",
-                 "crop_fraction", "batch_size", "top1", "top5", "images", "top5_meaningful", "data_root", "data_id")
+                 "crop_fraction", "batch_size", "eval_scale", "flip", "weights", "top1", "top5", "images",
+                 "top5_meaningful", "data_root", "data_id")
 # What every stored result must hold to be reported (a row without them makes sweep.json damaged).
 REQUIRED_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
                    "top5", "images")
@@ -86,7 +87,8 @@ class ResultStore:
             writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(sorted(merged.values(), key=lambda r: (
-                r["step"], r["image_size"], r["data_dir"], r.get("crop_fraction") or 0, r.get("batch_size") or 0)))
+                r["step"], r.get("weights", "raw"), r["image_size"], r["data_dir"], r.get("crop_fraction") or 0,
+                r.get("batch_size") or 0, bool(r.get("flip")), float(r.get("eval_scale", 1.0)))))
         self.results = merged
 
     def _stale(self, row: dict) -> bool:

@@ -127,30 +127,44 @@ def sweep_logdir(run: dict, run_dir: str) -> str | None:
 
 
 def sweep_setting(args) -> str:
-    """The TensorBoard run name of one sweep setting, e.g. sweep-phase-crop0.875 or sweep-fixed-224px-crop0.875."""
+    """The TensorBoard run name of a sweep's fixed settings, e.g. sweep-phase-crop0.875 or
+    sweep-fixed-224px-crop0.875; each result's own scale, flip and weights are added to it (row_setting)."""
     size = f"-{args.image_size}px" if args.size_policy == "fixed" and args.image_size else ""
-    scale = f"-x{args.eval_scale:g}" if args.size_policy == "phase" and args.eval_scale != 1 else ""
-    return f"sweep-{args.size_policy}{size}{scale}-crop{args.crop_fraction:g}"
+    return f"sweep-{args.size_policy}{size}-crop{args.crop_fraction:g}"
+
+
+def row_setting(base: str, row: dict) -> str:
+    """One curve per evaluation setting (--eval-scales, --flip, --weights): sweep-phase-x1.15-flip-ema-crop0.875."""
+    scale = float(row.get("eval_scale", 1.0))
+    parts = [f"-x{scale:g}"] if scale != 1 else []
+    parts += ["-flip"] if row.get("flip") else []
+    parts += ["-ema"] if row.get("weights") == "ema" else []
+    head, _, crop = base.rpartition("-crop")
+    return f"{head}{''.join(parts)}-crop{crop}"
 
 
 class SweepBoard:
-    """Accuracy per checkpoint: sweep_eval calls add() with each result as it is stored."""
+    """Accuracy per checkpoint: sweep_eval calls add() with each result as it is stored, one event file (one
+    TensorBoard run) per evaluation setting."""
 
     def __init__(self, logdir: str, setting: str):
-        self.folder, self.file, self.opened = os.path.join(logdir, setting), None, False
+        self.logdir, self.setting, self.files = logdir, setting, {}
 
     def add(self, row: dict) -> None:
-        if not self.opened:  # at the first new result: a sweep with nothing new to evaluate leaves no empty file
-            self.opened = True
-            self.file = open_event_file(self.folder, skip=" (the sweep's results are in sweep.json either way)")
-        if self.file is None:
+        name = row_setting(self.setting, row)
+        if name not in self.files:  # at its first new result: a sweep with nothing new leaves no empty file
+            failed = None in self.files.values()  # no package or no folder: said once, not once per setting
+            self.files[name] = None if failed else open_event_file(
+                os.path.join(self.logdir, name), skip=" (the sweep's results are in sweep.json either way)")
+        events = self.files[name]
+        if events is None:
             return
         values = {"top1": row["top1"], "top5": row["top5"], "image_size": row["image_size"]}
         now = time.time()
-        self.file.add(row["step"], {f"accuracy/{k}": v for k, v in values.items()}, now)
-        self.file.add(int(round(row["train_seconds"])), {f"accuracy_vs_train_seconds/{k}": v for k, v in
-                                                         values.items()}, now)
-        self.file.flush()
+        events.add(row["step"], {f"accuracy/{k}": v for k, v in values.items()}, now)
+        events.add(int(round(row["train_seconds"])), {f"accuracy_vs_train_seconds/{k}": v for k, v in
+                                                      values.items()}, now)
+        events.flush()
 
 
 def open_sweep_board(run: dict, run_dir: str, args) -> SweepBoard | None:

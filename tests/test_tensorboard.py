@@ -93,3 +93,15 @@ def test_a_restart_from_step_0_replaces_the_points_of_a_run_that_died_before_its
         board.flush()
     loss = read_scalars(str(tmp_path / "tb" / "train"))["train/loss"]
     assert loss == [(1, 2.0), (2, 3.0), (3, 4.0)]
+
+
+def test_each_evaluation_setting_is_its_own_tensorboard_run():
+    from gluon_imagenet.tensorboard import row_setting
+
+    base = "sweep-phase-crop0.875"
+    assert row_setting(base, {"eval_scale": 1.0, "flip": False, "weights": "raw"}) == base
+    assert row_setting(base, {}) == base  # results stored before the settings existed
+    assert row_setting(base, {"eval_scale": 1.15, "flip": True, "weights": "ema"}) == \
+        "sweep-phase-x1.15-flip-ema-crop0.875"
+    assert row_setting("sweep-fixed-224px-crop0.9", {"eval_scale": 1.3, "flip": False, "weights": "raw"}) == \
+        "sweep-fixed-224px-x1.3-crop0.9"

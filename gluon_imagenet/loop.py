@@ -111,8 +111,12 @@ class Run:
             for data, label in batches.take(epoch_end - step):
                 lr = lr_at(self.plan, step)
                 loss = self.learner.step(data, label, lr)
-                if self.pending:  # wait for the step before, not this one: the device stays one step ahead,
-                    self.pending[-1][-1].wait_to_read()  # and host memory holds at most two batches in flight
+                # Wait for the step before, not this one: the device stays one step ahead and host memory holds
+                # at most two batches in flight. Not under AMP's dynamic loss scale: MXNet's scaler reads one value
+                # back per step inside Trainer.step (has_overflow), so the host waits for each step's gradients
+                # there; a static `loss_scale` keeps the step free of reads.
+                if self.pending:
+                    self.pending[-1][-1].wait_to_read()
                 self.pending.append((step, epoch, phase.index, lr, self.wall_seconds(), loss))
                 step += 1
                 if every and step % every == 0 and step < epoch_end:

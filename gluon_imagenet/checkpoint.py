@@ -49,7 +49,7 @@ def prefix_for(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"ckpt-{step:08d}")
 
 
-def _digest(path: str) -> str:
+def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +69,7 @@ def save(run_dir: str, step: int, net, trainer, record: dict, extra: dict | None
             temp = f"{prefix}{ext}.partial"
             written.append(temp)
             write(temp)
-            files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
+            files[ext] = {"bytes": os.path.getsize(temp), "sha256": sha256_of(temp)}
             os.replace(temp, prefix + ext)
             written.append(prefix + ext)
         record = dict(record, step=step, files=files)
@@ -151,7 +151,7 @@ def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
             return None, f"{os.path.basename(path)} is missing"
         if os.path.getsize(path) != expected["bytes"]:
             return None, f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
-        if _digest(path) != expected["sha256"]:
+        if sha256_of(path) != expected["sha256"]:
             return None, f"{os.path.basename(path)} is damaged (checksum differs)"
     return ckpt, ""
 

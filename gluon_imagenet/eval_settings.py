@@ -58,7 +58,7 @@ def ema_problem(ckpt: checkpoint.Checkpoint) -> str:
         return f"{name} is missing"
     if os.path.getsize(path) != expected["bytes"]:
         return f"{name} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
-    if checkpoint._digest(path) != expected["sha256"]:  # the checkpoint's own digest: one notion of intact
+    if checkpoint.sha256_of(path) != expected["sha256"]:  # the checkpoint's own digest: one notion of intact
         return f"{name} is damaged (checksum differs)"
     return ""
 

@@ -197,7 +197,7 @@ def newest_epoch_checkpoint(run_dir: str) -> tuple[checkpoint.Checkpoint | None,
         if is_mid:
             mid_epoch.append(name)
             continue
-        ckpt, why = checkpoint.check(name, record_path)
+        ckpt, why = checkpoint.check(name, record_path, required_only=True)  # EMA weights: ema_weights checks
         if ckpt:
             return ckpt, damaged, sorted(mid_epoch)
         damaged.append((name, why))
@@ -211,7 +211,7 @@ def pruned_error(name: str) -> ExportError:
 
 def verified(run_dir: str, name: str) -> checkpoint.Checkpoint:
     record_path = os.path.join(run_dir, name + ".json")
-    ckpt, why = checkpoint.problem(record_path)
+    ckpt, why = checkpoint.problem(record_path, required_only=True)  # EMA weights: ema_weights checks them
     if ckpt is None:
         if retention.was_pruned(record_path, True):
             raise pruned_error(name)

@@ -49,7 +49,7 @@ def prefix_for(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"ckpt-{step:08d}")
 
 
-def _digest(path: str) -> str:
+def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +69,7 @@ def save(run_dir: str, step: int, net, trainer, record: dict, extra: dict | None
             temp = f"{prefix}{ext}.partial"
             written.append(temp)
             write(temp)
-            files[ext] = {"bytes": os.path.getsize(temp), "sha256": _digest(temp)}
+            files[ext] = {"bytes": os.path.getsize(temp), "sha256": sha256_of(temp)}
             os.replace(temp, prefix + ext)
             written.append(prefix + ext)
         record = dict(record, step=step, files=files)
@@ -132,8 +132,11 @@ def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
     return doomed
 
 
-def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
-    """(checkpoint, "") when complete and intact, else (None, what is wrong)."""
+def problem(ckpt_json: str, required_only: bool = False) -> tuple[Checkpoint | None, str]:
+    """(checkpoint, "") when complete and intact, else (None, what is wrong). Every file the record lists is
+    verified, unless `required_only`: then only .params and .states, for readers that can use a checkpoint
+    without its other files (the sweep and export evaluate the raw weights when the EMA file is damaged, and
+    check that file themselves with file_problem)."""
     try:
         with open(ckpt_json) as f:
             record = json.load(f)
@@ -143,17 +146,26 @@ def problem(ckpt_json: str) -> tuple[Checkpoint | None, str]:
     ckpt = Checkpoint(step, ckpt_json, record)
     listed = record.get("files", {}) if isinstance(record.get("files"), dict) else {}
     prefix = ckpt_json[: -len(".json")]
-    for ext in (*REQUIRED_EXTS, *sorted(set(listed) - set(REQUIRED_EXTS))):
-        path, expected = prefix + ext, listed.get(ext)
-        if not isinstance(expected, dict) or "bytes" not in expected or "sha256" not in expected:
-            return None, f"record lists no {ext} file"
-        if not os.path.isfile(path):
-            return None, f"{os.path.basename(path)} is missing"
-        if os.path.getsize(path) != expected["bytes"]:
-            return None, f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
-        if _digest(path) != expected["sha256"]:
-            return None, f"{os.path.basename(path)} is damaged (checksum differs)"
+    extras = () if required_only else sorted(set(listed) - set(REQUIRED_EXTS))
+    for ext in (*REQUIRED_EXTS, *extras):
+        why = file_problem(prefix + ext, listed.get(ext))
+        if why:
+            return None, why
     return ckpt, ""
+
+
+def file_problem(path: str, expected) -> str:
+    """'' when the file is there with the size and SHA-256 its record lists (`expected`), else what is wrong."""
+    ext = os.path.basename(path)[len("ckpt-00000000"):]
+    if not isinstance(expected, dict) or "bytes" not in expected or "sha256" not in expected:
+        return f"record lists no {ext} file"
+    if not os.path.isfile(path):
+        return f"{os.path.basename(path)} is missing"
+    if os.path.getsize(path) != expected["bytes"]:
+        return f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
+    if sha256_of(path) != expected["sha256"]:
+        return f"{os.path.basename(path)} is damaged (checksum differs)"
+    return ""
 
 
 def candidates(run_dir: str) -> list[tuple[str, str | None]]:
@@ -167,10 +179,10 @@ def candidates(run_dir: str) -> list[tuple[str, str | None]]:
     return sorted(found.items())
 
 
-def check(name: str, record_path: str | None) -> tuple[Checkpoint | None, str]:
+def check(name: str, record_path: str | None, required_only: bool = False) -> tuple[Checkpoint | None, str]:
     if record_path is None:
         return None, "partial: no .json record (interrupted while saving)"
-    return problem(record_path)
+    return problem(record_path, required_only)
 
 
 def exists_any(run_dir: str) -> bool:

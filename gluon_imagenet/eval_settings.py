@@ -48,19 +48,10 @@ def ema_path(ckpt: checkpoint.Checkpoint) -> str:
 
 
 def ema_problem(ckpt: checkpoint.Checkpoint) -> str:
-    """'' when the checkpoint's EMA file is there and matches its record, else what is wrong with it."""
-    expected = ckpt.record["files"][EMA_EXT]
-    path = ema_path(ckpt)
-    name = os.path.basename(path)
-    if not isinstance(expected, dict) or "sha256" not in expected or "bytes" not in expected:
-        return f"the record's {EMA_EXT} entry has no bytes and sha256"
-    if not os.path.isfile(path):
-        return f"{name} is missing"
-    if os.path.getsize(path) != expected["bytes"]:
-        return f"{name} has {os.path.getsize(path)} bytes, expected {expected['bytes']}"
-    if checkpoint._digest(path) != expected["sha256"]:  # the checkpoint's own digest: one notion of intact
-        return f"{name} is damaged (checksum differs)"
-    return ""
+    """'' when the checkpoint's EMA file is there and matches its record, else what is wrong with it (the
+    checkpoint's own rule: one notion of intact)."""
+    why = checkpoint.file_problem(ema_path(ckpt), ckpt.record["files"][EMA_EXT])
+    return f"the record's {EMA_EXT} entry has no bytes and sha256" if why.startswith("record lists no") else why
 
 
 def weights_for(choice: str | None, record: dict) -> tuple[list[str], str]:

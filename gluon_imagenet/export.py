@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -198,7 +197,7 @@ def newest_epoch_checkpoint(run_dir: str) -> tuple[checkpoint.Checkpoint | None,
         if is_mid:
             mid_epoch.append(name)
             continue
-        ckpt, why = checkpoint.check(name, record_path)
+        ckpt, why = checkpoint.check(name, record_path, required_only=True)  # EMA weights: ema_weights checks
         if ckpt:
             return ckpt, damaged, sorted(mid_epoch)
         damaged.append((name, why))
@@ -212,7 +211,7 @@ def pruned_error(name: str) -> ExportError:
 
 def verified(run_dir: str, name: str) -> checkpoint.Checkpoint:
     record_path = os.path.join(run_dir, name + ".json")
-    ckpt, why = checkpoint.problem(record_path)
+    ckpt, why = checkpoint.problem(record_path, required_only=True)  # EMA weights: ema_weights checks them
     if ckpt is None:
         if retention.was_pruned(record_path, True):
             raise pruned_error(name)
@@ -359,7 +358,7 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
         "symbol_file": f"{PREFIX}-symbol.json", "params_file": f"{PREFIX}-0000.params",
         # What predict checks the folder against: another run's parameters file of the same network, or classes
         # that do not match the network's outputs, would otherwise predict nonsense without a word.
-        "outputs": int(expected.shape[1]), "params_sha256": file_sha256(os.path.join(folder, f"{PREFIX}-0000.params")),
+        "outputs": int(expected.shape[1]), "params_sha256": checkpoint.sha256_of(os.path.join(folder, f"{PREFIX}-0000.params")),
         "input": {"name": "data", "shape": ["batch", 3, image_size, image_size], "dtype": "uint8", "layout": "NCHW",
                   "channels": "RGB", "normalisation": "inside the graph: (x - mean) / std per channel, 0-255 scale",
                   "mean": list(MEAN_RGB), "std": list(STD_RGB)},
@@ -384,14 +383,6 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
         meta["onnx"] = onnx_export.write(folder, PREFIX, image_size, net, probes)
         with open(os.path.join(folder, MODEL_JSON), "w") as f:
             json.dump(meta, f, indent=1)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def last_line(error: Exception) -> str:

@@ -56,28 +56,37 @@ def holder(path: str) -> dict | None:
     return None
 
 
+def _flock(fd: int, mode: int, wait: bool) -> bool:
+    """Take flock `mode` on fd: blocking with `wait`, else a few tries (another process's holder() or failed
+    attempt holds it for an instant) before giving up with False."""
+    for attempt in range(1 if wait else 20):
+        try:
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            time.sleep(0.05)
+    return False
+
+
+def _write_info(fd: int) -> dict:
+    """Who holds the lock, written into its file for the next process that is refused."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": " ".join(sys.argv)}
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    return info
+
+
 @contextlib.contextmanager
 def hold(path: str, what: str, wait: bool = False):
     """Hold the exclusive lock at `path` for the block. Raises Busy naming the holder, unless `wait`."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        # A few tries before giving up: holder() takes the lock for an instant to test it.
-        for attempt in range(1 if wait else 20):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                time.sleep(0.05)
-        else:
+        if not _flock(fd, fcntl.LOCK_EX, wait):
             raise Busy(f"{what} is in use by {_describe(_read_info(path))}; wait for it to finish or stop it "
                        f"(lock file {path})")
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        yield info
+        yield _write_info(fd)
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with the next holder)
 
@@ -95,24 +104,14 @@ def share(path: str, what: str):
             yield ""
             return
     try:
-        for attempt in range(20):  # a packer's failed attempt holds it for an instant: try a few times
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                time.sleep(0.05)
-        else:
+        if not _flock(fd, fcntl.LOCK_SH, wait=False):
             yield (f"{what} is being written by {_describe(_read_info(path))}; wait for it to finish (lock file "
                    f"{path})")
             return
         # Say who reads, for the packer's refusal. Several readers may write this at once: the packer then
         # names one of them (or "another process" when their writes mixed).
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                                     "command": " ".join(sys.argv)}).encode())
+            _write_info(fd)
         yield ""
     finally:
         os.close(fd)

@@ -298,7 +298,8 @@ class Verifier:
             if known and known[0] == stamp:
                 ckpt, why = known[1]
             else:
-                ckpt, why = checkpoint.check(name, record_path)
+                # The raw weights are evaluated even when the EMA file is damaged: that is checked on its own.
+                ckpt, why = checkpoint.check(name, record_path, required_only=True)
                 if ckpt is None and retention.was_pruned(record_path, name in self._had_record):
                     why = retention.PRUNED
                 self._known[name] = (stamp, (ckpt, why))

@@ -40,7 +40,7 @@ def add_ema(run_dir, name, weights_from):
     json_path = os.path.join(run_dir, name + ".json")
     with open(json_path) as f:
         record = json.load(f)
-    record["files"][".ema.params"] = {"bytes": os.path.getsize(path), "sha256": checkpoint._digest(path)}
+    record["files"][".ema.params"] = {"bytes": os.path.getsize(path), "sha256": checkpoint.sha256_of(path)}
     record["ema"] = {"half_life_epochs": 0.5, "every_steps": 1}
     with open(json_path, "w") as f:
         json.dump(record, f)
@@ -275,7 +275,7 @@ def test_export_best_takes_the_best_weights_and_setting(searched, tmp_path, shap
         meta = json.load(f)
     assert (provenance["checkpoint"], provenance["weights"], provenance["eval_scale"], provenance["flip"]) == (
         WITH_EMA, "ema", 1.125, True)
-    assert provenance["weights_sha256"] == checkpoint._digest(os.path.join(run_dir, WITH_EMA + ".ema.params"))
+    assert provenance["weights_sha256"] == checkpoint.sha256_of(os.path.join(run_dir, WITH_EMA + ".ema.params"))
     assert meta["preprocess"]["flip"] is True and meta["preprocess"]["crop"] == 72
     net, meta = predict.load(out)
     probe = mx.nd.array(np.random.default_rng(3).integers(0, 256, (2, 3, 72, 72)), dtype="uint8")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_tool
-from gluon_imagenet import export, predict
+from gluon_imagenet import checkpoint, export, predict
 
 
 def call(main, args):
@@ -433,7 +433,7 @@ def test_model_json_records_the_output_count_and_the_parameters_checksum(exporte
     with open(os.path.join(out, "model.json")) as f:
         meta = json.load(f)
     assert meta["outputs"] == len(meta["classes"]) == 10
-    assert meta["params_sha256"] == export.file_sha256(os.path.join(out, "model-0000.params"))
+    assert meta["params_sha256"] == checkpoint.sha256_of(os.path.join(out, "model-0000.params"))
 
 
 def edit_meta(folder, change):

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if recipe is not None and not os.path.exists(os.path.join(train_dir, "run.json")):
             path = os.path.join(args.work, f"{name}.yaml")
             with open(path, "w") as f:
-                yaml.safe_dump(recipe, f)
+                yaml.safe_dump(dict(recipe, name=f"fashion-{name}"), f)
             print(f"{name}: training", flush=True)
             run([py, "-m", "gluon_imagenet.train", "--recipe", path, "--data-root", args.data_root, "--run-dir",
                  train_dir, "--model", args.model, "--log-every", "50"], os.path.join(args.work, f"{name}.train.log"))

@@ -59,19 +59,15 @@ def newest_record(run_dir: str) -> dict:
 
 
 def sweep_rows(run_dir: str) -> list[dict]:
-    """One result per checkpoint (its best top-1 when it was evaluated with several settings), by step."""
+    """Every stored result, by step (plot_data picks each checkpoint's default and best setting from them)."""
     path = os.path.join(run_dir, "sweep.json")
     try:
         with open(path) as f:
             results = json.load(f).get("results", {})
     except (OSError, ValueError, AttributeError):
         return []
-    best: dict[str, dict] = {}
-    for row in results.values():
-        name = row.get("checkpoint")
-        if name and (name not in best or row["top1"] > best[name]["top1"]):
-            best[name] = row
-    return sorted(best.values(), key=lambda r: r["step"])
+    return sorted((r for r in results.values() if isinstance(r, dict) and r.get("checkpoint")),
+                  key=lambda r: r["step"])
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -181,12 +177,17 @@ def draw(run_dir: str, run: dict, targets, out: str) -> None:
             ax.annotate(f"phase {i + 1}: {phase['label']}", ((phase["minutes"] + end) / 2, 1.0),
                         xycoords=("data", "axes fraction"), xytext=(0, -5), textcoords="offset points",
                         ha="center", va="top", fontsize=10, color="dimgray")
-        ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label="top-1")
-        ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label="top-5")
+        of_default = ", default setting" if data.get("best") else ""
+        ax.plot(data["minutes"], data["top1"], "o-", color="tab:blue", label=f"top-1{of_default}")
+        ax.plot(data["minutes"], data["top5"], "s-", color="tab:orange", label=f"top-5{of_default}")
+        if data.get("best"):  # other settings evaluated (scales, flip, EMA weights): the best one per checkpoint
+            ax.plot(data["best"]["minutes"], data["best"]["top1"], "o--", color="tab:cyan",
+                    label="top-1, best setting")
+            ax.plot(data["best"]["minutes"], data["best"]["top5"], "s--", color="gold", label="top-5, best setting")
         for target in data["targets"]:
             ax.axhline(target["value"], color="tab:orange" if target["metric"] == "top5" else "tab:blue",
                        linestyle=":", linewidth=1.8, label=target["label"])
-        hit = data["hit"]
+        hit = data.get("hit_best") or data["hit"]
         if hit:
             ax.plot([hit["minutes"]], [hit["value"]], marker="*", markersize=20, color="crimson", linestyle="none",
                     zorder=5, label=hit["label"].replace("\n", " "))

@@ -87,3 +87,19 @@ def test_report_of_a_folder_that_is_not_a_run_exits_2(tmp_path):
     code, out, err = call([str(tmp_path)])
     assert code == 2 and err.startswith("error: ") and "run.json" in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_report_draws_every_checkpoints_default_setting_beside_its_best(swept_copy, tmp_path):
+    # With other settings evaluated (here --flip), the main curve stays the default setting of every checkpoint:
+    # picking each checkpoint's best row first left out those whose best was not the default.
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(swept_copy[0], run_dir)
+    proc = run_tool(["-m", "gluon_imagenet.sweep_eval", "--run-dir", run_dir, "--workers", "1", "--batch-size",
+                     "32", "--target-top1", "0", "--flip"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = report.sweep_rows(run_dir)
+    assert len(rows) == 10 and sum(bool(r.get("flip")) for r in rows) == 5
+    with open(os.path.join(run_dir, "run.json")) as f:
+        data = report.plot_data(rows, json.load(f), (None, 0.0))
+    assert len(data["top1"]) == 5 and data["best"] is not None and len(data["best"]["top1"]) == 5
+    assert call([run_dir])[0] == 0

@@ -288,13 +288,13 @@ def test_watch_hashes_each_checkpoint_once(swept, packed_root, tmp_path, monkeyp
     run_dir, _ = swept
     copy = copy_run(run_dir, tmp_path / "run")
     hashed = []
-    original = checkpoint._digest
+    original = checkpoint.sha256_of
 
     def counted(path):  # the real hash, counted
         hashed.append(os.path.basename(path))
         return original(path)
 
-    monkeypatch.setattr(checkpoint, "_digest", counted)
+    monkeypatch.setattr(checkpoint, "sha256_of", counted)
     args = parse_args(["--run-dir", copy, "--data-root", packed_root, "--watch"])
     run, verifier = read_run(copy), Verifier(copy)
     jobs, bad, _ = plan_jobs(args, run, packed_root, verifier)

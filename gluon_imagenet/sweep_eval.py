@@ -291,8 +291,6 @@ class Verifier:
         good, bad = [], []
         # checkpoint's own listing and check, so both readers agree on what a checkpoint is.
         for name, record_path in checkpoint.candidates(self.run_dir):
-            if record_path is None and name.endswith(EMA_EXT[: -len(".params")]):
-                continue  # ckpt-<step>.ema.params: a checkpoint's EMA weights (checked with it), not a partial save
             stamp = self._stamp(name)  # before hashing: a file changed meanwhile differs at the next look
             known = self._known.get(name)
             if known and known[0] == stamp:

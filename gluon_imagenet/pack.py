@@ -46,9 +46,10 @@ from PIL import Image
 from gluon_imagenet import locks, stops
 from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.pack_pool import WorkerDied, ordered_map
-# The checks of packed data, part of this module's API (the trainer and the tests import them from here).
-from gluon_imagenet.pack_verify import check_packed_split, read_index, verify_root, verify_split  # noqa: F401
-from gluon_imagenet.packed import PACK_LOCK, PackError, read_classes, read_meta  # noqa: F401 (part of this module's API)
+# The checks of packed data, part of this module's API (the tests import them from here).
+from gluon_imagenet.pack_verify import verify_root, verify_split  # noqa: F401
+from gluon_imagenet.packed import (  # noqa: F401 (part of this module's API)
+    PACK_LOCK, PackError, check_packed_split, read_classes, read_index, read_meta)
 from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 SPLITS = ("train", "val")

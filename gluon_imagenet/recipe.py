@@ -1,8 +1,9 @@
 """Training recipes: a list of phases plus run-wide settings, loaded from YAML and validated before any work.
 
 A recipe is data. Every field is declared below with its unit; a key that no field declares is an error, not
-silently ignored. Loading checks the whole recipe (and, when a data root is given, the packed data it names)
-and raises RecipeError naming the file, the phase, the field, the bad value and what is allowed.
+silently ignored. Loading checks what the recipe file says and raises RecipeError naming the file, the phase,
+the field, the bad value and what is allowed; whether packed data is fit to train it on is packed.check_for's
+check (the trainer, the doctor and `show --data-root` make it).
 
 Show the plan a recipe makes for a given number of workers and training images:
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from gluon_imagenet.packed import holds, packed_short_side
+from gluon_imagenet.packed import check_for, size_problem
 
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
@@ -95,6 +96,10 @@ class Recipe:
     def resolved_eval_data_dir(self) -> str:
         return self.eval_data_dir or self.phases[-1].data_dir
 
+    def phase_label(self, index: int) -> str:
+        """How messages name phase `index`: "phase 2 (epochs [3, 5))"."""
+        return _phase_name(index, self.phases[index])
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
@@ -116,9 +121,8 @@ _PHASE_FIELDS = {f.name for f in dataclasses.fields(Phase)}
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
 
 
-def load_recipe(path: str, data_root: str | None = None, require_val: bool = True) -> Recipe:
-    """Read and validate a recipe file; with data_root, also check the packed data each phase names (and the
-    evaluation data, unless require_val is False: the trainer never reads it)."""
+def load_recipe(path: str) -> Recipe:
+    """Read and validate a recipe file (its packed data: packed.check_for)."""
     try:
         with open(path) as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
@@ -126,7 +130,7 @@ def load_recipe(path: str, data_root: str | None = None, require_val: bool = Tru
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return recipe_from_dict(raw, source=path, data_root=data_root, require_val=require_val)
+    return recipe_from_dict(raw, source=path)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -145,8 +149,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None = None,
-                     require_val: bool = True) -> Recipe:
+def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with a 'phases' list, got {type(raw).__name__}")
     _reject_unknown(raw, _RECIPE_FIELDS, source)
@@ -179,47 +182,10 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
             f"{where}: field 'warmup_epochs': {kwargs['warmup_epochs']} is longer than the whole recipe "
             f"({phases[-1].epochs[1]} epochs)")
     recipe = Recipe(**kwargs)
-    if data_root is not None:
-        check_data(recipe, data_root, require_val)
-    else:
-        _check_sizes(recipe, None)
+    too_large = size_problem(recipe, None)  # a numeric data_dir names its short side: no data needed to see it
+    if too_large:
+        raise RecipeError(too_large)
     return recipe
-
-
-def check_data(recipe: Recipe, data_root: str, require_val: bool = True) -> None:
-    """Every phase's data dir holds train.rec/.idx, the eval dir holds val.rec/.idx, and no crop is larger
-    than the short side the data was packed at."""
-    if not os.path.isdir(data_root):
-        raise RecipeError(f"{recipe.source}: data root {data_root!r} does not exist; pack data with "
-                          "`python tools/im2rec_multi.py SRC --root DATA_ROOT` or pass --data-root")
-    for i, phase in enumerate(recipe.phases):
-        folder = os.path.join(data_root, phase.data_dir)
-        for name in ("train.rec", "train.idx"):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise RecipeError(
-                    f"{recipe.source}: {_phase_name(i, phase)}: field 'data_dir': {phase.data_dir!r} has no "
-                    f"{name} under {folder!r}; pack that size with tools/im2rec_multi.py --sizes ...")
-    folder = os.path.join(data_root, recipe.resolved_eval_data_dir)
-    for name in ("val.rec", "val.idx") if require_val else ():
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
-                              f"{name} under {folder!r}")
-    _check_sizes(recipe, data_root)
-
-
-def _check_sizes(recipe: Recipe, data_root: str | None) -> None:
-    """No crop larger than its data dir's short side (known from pack.json, or a numeric folder name)."""
-    for i, phase in enumerate(recipe.phases):
-        _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
-                         packed_short_side(data_root, phase.data_dir), phase.data_dir)
-    _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
-                     packed_short_side(data_root, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
-
-
-def _check_size_fits(source: str, where: str, size: int, short_side: int | None, data_dir: str) -> None:
-    if not holds(short_side, size):
-        raise RecipeError(f"{source}: {where}: {size} px is larger than the {short_side} px short side of data dir "
-                          f"{data_dir!r}; use image_size <= {short_side} or a data dir packed larger")
 
 
 def _phase_name(index: int, phase: Phase | None = None) -> str:
@@ -441,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:  # 0 would silently show the reference plan
                 raise RecipeError(f"{flag} {value}: must be a whole number >= 1 (leave --workers out for the "
                                   "recipe's reference_workers)")
-        recipe = load_recipe(args.recipe, data_root=args.data_root)
+        recipe = load_recipe(args.recipe)
+        problems = check_for(recipe, args.data_root, eval_split=True) if args.data_root is not None else []
+        if problems:
+            raise RecipeError("; ".join(map(str, problems)))
         workers = args.workers if args.workers is not None else recipe.reference_workers
         plan = make_plan(recipe, train_images=args.train_images, workers=workers, lr_scaling=args.lr_scaling)
     except (RecipeError, PlanError) as e:

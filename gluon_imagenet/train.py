@@ -116,10 +116,10 @@ def prepare(args, ranks) -> Setup:
 
     from gluon_imagenet.packed import check_for
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, require_val=False)  # the trainer reads no val
-    problems = check_for(recipe, args.data_root)  # the doctor's data check too
+    recipe = load_recipe(args.recipe)
+    problems = check_for(recipe, args.data_root)  # the doctor's data check too; the trainer reads no val split
     if problems:
-        raise SetupError("; ".join(problems))
+        raise SetupError("; ".join(map(str, problems)))
     classes = read_class_names(args.data_root)
     plan = make_plan(recipe, train_images_for(args.data_root, [p.data_dir for p in recipe.phases]), ranks.size,
                      lr_scaling=args.lr_scaling)

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gluon_imagenet.names import MODELS  # importable without MXNet: the doctor must start when MXNet does not
+from gluon_imagenet.probes import Result  # importable without MXNet too; memory_probe's lines as well
 
-STATUSES = ("ok", "info", "warning", "failure")
 SUPPORTED_PYTHONS = ((3, 10), (3, 11))
 # pip's mxnet-cu* 1.9.1 wheels carry machine code for these GPU architectures and no PTX (measured on mxnet-cu117,
 # see the README's GPU section); used when the CUDA toolkit's cuobjdump is not there to read the library itself.
@@ -56,14 +56,6 @@ IMAGES_PER_DECODE_THREAD_224 = 400
 # Checkpoint files hold float32 values: parameters (network) + one momentum buffer per trainable parameter (NAG).
 BYTES_PER_VALUE = 4
 CHECKPOINT_OVERHEAD_BYTES = 1 << 20  # names, headers, the .json record: far less than 1 MiB
-
-
-@dataclass(frozen=True)
-class Result:
-    status: str  # one of STATUSES
-    check: str  # short name, e.g. "gpu 0"
-    detail: str  # what was found
-    fix: str = ""  # what to do (warnings and failures)
 
 
 # ------------------------------------------------------------------------------------------------ versions

@@ -159,23 +159,24 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     _check_phase_sequence(phases, source)
 
     where = source
+    # A field the recipe leaves out takes the dataclass field's default (Recipe.X): its one owner.
     kwargs: dict[str, Any] = {"phases": phases, "source": source}
-    kwargs["reference_workers"] = _integer(raw, "reference_workers", 8, where, minimum=1)
-    kwargs["lr_scaling"] = _choice(raw, "lr_scaling", "linear", LR_SCALING_RULES, where)
-    kwargs["weight_decay"] = _number(raw, "weight_decay", 0.0, where, minimum=0.0)
-    kwargs["momentum"] = _number(raw, "momentum", 0.9, where, minimum=0.0, below=1.0)
-    kwargs["optimizer"] = _choice(raw, "optimizer", "nag", OPTIMIZERS, where)
+    kwargs["reference_workers"] = _integer(raw, "reference_workers", Recipe.reference_workers, where, minimum=1)
+    kwargs["lr_scaling"] = _choice(raw, "lr_scaling", Recipe.lr_scaling, LR_SCALING_RULES, where)
+    kwargs["weight_decay"] = _number(raw, "weight_decay", Recipe.weight_decay, where, minimum=0.0)
+    kwargs["momentum"] = _number(raw, "momentum", Recipe.momentum, where, minimum=0.0, below=1.0)
+    kwargs["optimizer"] = _choice(raw, "optimizer", Recipe.optimizer, OPTIMIZERS, where)
     kwargs["loss_scale"] = _loss_scale(raw, where)
-    kwargs["label_smoothing"] = _number(raw, "label_smoothing", 0.0, where, minimum=0.0, below=1.0)
-    kwargs["min_random_area"] = _number(raw, "min_random_area", 0.08, where, minimum=0.01)
+    kwargs["label_smoothing"] = _number(raw, "label_smoothing", Recipe.label_smoothing, where, minimum=0.0, below=1.0)
+    kwargs["min_random_area"] = _number(raw, "min_random_area", Recipe.min_random_area, where, minimum=0.01)
     if kwargs["min_random_area"] > 1:
         raise RecipeError(f"{where}: field 'min_random_area': {kwargs['min_random_area']} must be <= 1")
     kwargs["aspect_ratio"] = _aspect_ratio(raw, where)
-    kwargs["mirror"] = _boolean(raw, "mirror", True, where)
-    kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", 0.0, where, minimum=0.0)
-    kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
-    kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)
-    kwargs["name"] = _text(raw, "name", "", where)
+    kwargs["mirror"] = _boolean(raw, "mirror", Recipe.mirror, where)
+    kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", Recipe.warmup_epochs, where, minimum=0.0)
+    kwargs["eval_image_size"] = _integer(raw, "eval_image_size", Recipe.eval_image_size, where, minimum=0)
+    kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", Recipe.eval_data_dir, where)
+    kwargs["name"] = _text(raw, "name", Recipe.name, where)
     kwargs["ema"] = _ema(raw, where)
     if kwargs["warmup_epochs"] > phases[-1].epochs[1]:
         raise RecipeError(
@@ -316,7 +317,7 @@ def _aspect_ratio(raw, where):
 
 
 def _loss_scale(raw, where):
-    value = raw.get("loss_scale", "dynamic")
+    value = raw.get("loss_scale", Recipe.loss_scale)
     if value == "dynamic":
         return value
     try:
@@ -353,7 +354,7 @@ def _ema(raw, where):
     if half_life <= 0:
         raise RecipeError(f"{where}: field 'ema.half_life_epochs': {value['half_life_epochs']!r} must be a number "
                           "of epochs > 0 (e.g. 0.5)")
-    every = value.get("every_steps", 1)
+    every = value.get("every_steps", EmaSettings.every_steps)
     try:
         every = _as_int(every) if not isinstance(every, str) else int("x")
     except (TypeError, ValueError):

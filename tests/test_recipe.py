@@ -1,5 +1,6 @@
 """Recipe loading: every validation error names the problem, before any work starts."""
 import copy
+import dataclasses
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from gluon_imagenet.packed import check_for
-from gluon_imagenet.recipe import RecipeError, load_recipe, recipe_from_dict
+from gluon_imagenet.recipe import EmaSettings, Recipe, RecipeError, load_recipe, recipe_from_dict
 from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,18 @@ def test_size_from_pack_metadata(tmp_path):
                        "image_size": 48, "data_dir": "small"}]}
     recipe = recipe_from_dict(copy.deepcopy(raw))  # without a data root the folder name tells nothing: accepted
     assert re.search("48 px is larger than the 40 px short side of data dir 'small'", refusal(recipe, root))
+
+
+def test_a_field_left_out_takes_its_dataclass_default():
+    """Recipe's and EmaSettings' field defaults are the only ones: recipe_from_dict and data.Augmentation read
+    them."""
+    phases = [{"epochs": [0, 1], "lr": [0.1, 0.1], "lr_method": "linear", "batch_size": 4, "image_size": 32,
+               "data_dir": "x"}]
+    recipe = recipe_from_dict({"phases": phases})
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe) if f.name != "phases"}
+    assert {name: getattr(recipe, name) for name in defaults} == dict(defaults, source="<recipe>")
+    ema = recipe_from_dict({"phases": phases, "ema": {"half_life_epochs": 1}}).ema
+    assert ema == EmaSettings(1.0, {f.name: f.default for f in dataclasses.fields(EmaSettings)}["every_steps"])
 
 
 def test_bad_recipe_on_the_command_line_exits_2(tmp_path):

@@ -49,7 +49,7 @@ from gluon_imagenet.pack_pool import WorkerDied, ordered_map
 # The checks of packed data, part of this module's API (the tests import them from here).
 from gluon_imagenet.pack_verify import verify_root, verify_split  # noqa: F401
 from gluon_imagenet.packed import (  # noqa: F401 (part of this module's API)
-    PACK_LOCK, PackError, check_packed_split, read_classes, read_index, read_meta)
+    DEFAULT_DATA_ROOT, PACK_LOCK, PackError, check_packed_split, read_classes, read_index, read_meta)
 from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 SPLITS = ("train", "val")
@@ -515,7 +515,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python tools/im2rec_multi.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", help="image tree with train/<class>/ and val/<class>/ (or flat val/)")
-    p.add_argument("--root", default="recordio", help="data root to write (default: recordio)")
+    p.add_argument("--root", default=DEFAULT_DATA_ROOT, help=f"data root to write (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--sizes", type=int, nargs="*", default=[160, 320],
                    help="short sides to resize to, pixels (default: 160 320)")
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))

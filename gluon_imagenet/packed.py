@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from gluon_imagenet.recordio_writer import IRHEADER, RECORD_MAGIC
 
 
+# The data root a command uses when it is given none: where the packer writes and the trainer reads by default.
+DEFAULT_DATA_ROOT = "recordio"
 # In the data root: held by the packer while it writes, and shared by every trainer while it reads (locks.py).
 PACK_LOCK = ".pack.lock"
 

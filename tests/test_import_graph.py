@@ -9,28 +9,39 @@ from conftest import ROOT
 PACKAGE = "gluon_imagenet"
 
 
-def imported_modules(source: str, modules: set[str]) -> set[str]:
-    """The package's modules (names in `modules`) that this source imports, anywhere in it."""
+def imported_modules(source: str, modules: set[str], package: str = "") -> set[str]:
+    """The package's modules (dotted names under gluon_imagenet, as in `modules`) that this source imports,
+    anywhere in it; `package` is the source's own subpackage, for relative imports."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from .x import y: relative to the source's own (sub)package
+                parents = [PACKAGE] + (package.split(".") if package else [])
+                parents = parents[:len(parents) - (node.level - 1)]
+                base = ".".join(parents + ([base] if base else []))
             # `from gluon_imagenet import packed` imports the module packed; `from gluon_imagenet.packed import x`
             # the module packed.
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == PACKAGE and len(parts) > 1 and parts[1] in modules:
-                found.add(parts[1])
+            if parts[0] != PACKAGE:
+                continue
+            for end in range(len(parts), 1, -1):  # the longest dotted prefix that is one of the modules
+                if ".".join(parts[1:end]) in modules:
+                    found.add(".".join(parts[1:end]))
+                    break
     return found
 
 
 def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
     modules = set(sources)
-    return {name: imported_modules(text, modules) - {name} for name, text in sources.items()}
+    return {name: imported_modules(text, modules, name.rpartition(".")[0]) - {name}
+            for name, text in sources.items()}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -53,12 +64,18 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def package_sources() -> dict[str, str]:
-    folder = os.path.join(ROOT, PACKAGE)
+    """Every module's source by dotted name under the package ("packed", or "data.packed" once files move into
+    subpackages, whose __init__ is the subpackage's own name)."""
+    top = os.path.join(ROOT, PACKAGE)
     sources = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py") and name != "__init__.py":
+    for folder, _, files in os.walk(top):
+        prefix = os.path.relpath(folder, top).replace(os.sep, ".")
+        for name in sorted(files):
+            if not name.endswith(".py") or (name == "__init__.py" and prefix == "."):
+                continue
+            module = prefix if name == "__init__.py" else name[:-3] if prefix == "." else f"{prefix}.{name[:-3]}"
             with open(os.path.join(folder, name), encoding="utf-8") as f:
-                sources[name[:-3]] = f.read()
+                sources[module] = f.read()
     return sources
 
 
@@ -76,7 +93,12 @@ def test_the_circle_finder_sees_imports_inside_functions():
         "doctor": "from gluon_imagenet import names\ndef run():\n    from gluon_imagenet import memory_probe\n",
         "memory_probe": "import gluon_imagenet.doctor\n",
         "names": "import os\n",
+        "data.packed": "from gluon_imagenet.data.pack import x\n",
+        "data.pack": "from .packed import read_meta\nfrom gluon_imagenet.data import names_in_data\n",
+        "data.names_in_data": "",
     }
     graph = import_graph(sources)
     assert graph["doctor"] == {"names", "memory_probe"} and graph["names"] == set()
-    assert sorted(map(tuple, circles(graph))) == [("doctor", "memory_probe", "doctor"), ("pack", "packed", "pack")]
+    assert graph["data.pack"] == {"data.packed", "data.names_in_data"}  # relative and subpackage imports
+    assert sorted(map(tuple, circles(graph))) == [("data.pack", "data.packed", "data.pack"),
+                                                  ("doctor", "memory_probe", "doctor"), ("pack", "packed", "pack")]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mxnet as mx
 
 from gluon_imagenet.packed import PackError, packed_count, read_classes, split_paths
+from gluon_imagenet.recipe import Recipe
 
 # ImageNet channel statistics, RGB, 0-255 scale: applied on the device by the model's input block.
 MEAN_RGB = (123.68, 116.779, 103.939)
@@ -52,9 +53,10 @@ def train_images_for(data_root: str, data_dirs) -> int:
 @dataclass(frozen=True)
 class Augmentation:
     """Random-resized crop and mirroring of training images (ImageRecordIter's own augmenter)."""
-    min_random_area: float = 0.08  # smallest crop, fraction of the image's area
-    aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # range of the crop's width / height
-    mirror: bool = True  # random horizontal flips (off for digits, text, signs)
+    # The defaults are the recipe's (recipe.Recipe owns them): an iterator made without a recipe augments alike.
+    min_random_area: float = Recipe.min_random_area  # smallest crop, fraction of the image's area
+    aspect_ratio: tuple[float, float] = Recipe.aspect_ratio  # range of the crop's width / height
+    mirror: bool = Recipe.mirror  # random horizontal flips (off for digits, text, signs)
 
 
 def train_iterator_kwargs(data_root: str, data_dir: str, image_size: int, batch_size: int, shard: Shard, seed: int,

@@ -54,8 +54,10 @@ class Ranks:
         allreduced: average them (before a checkpoint) so every rank and the saved network hold the same ones."""
         if self.horovod is None:
             return
+        from gluon_imagenet.model import is_running_stat
+
         for name, param in sorted(net._collect_params_with_prefix().items()):
-            if param.grad_req == "null" and "running" in name:
+            if is_running_stat(name, param):
                 self.horovod.allreduce_(param.data(), op=self.horovod.Average, name=f"running_stats.{name}")
 
     def average_arrays(self, named_arrays, tag: str) -> None:

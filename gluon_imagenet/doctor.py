@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gluon_imagenet.names import MODELS  # importable without MXNet: the doctor must start when MXNet does not
+from gluon_imagenet.probes import Result  # importable without MXNet too; memory_probe's lines as well
 
-STATUSES = ("ok", "info", "warning", "failure")
 SUPPORTED_PYTHONS = ((3, 10), (3, 11))
 # pip's mxnet-cu* 1.9.1 wheels carry machine code for these GPU architectures and no PTX (measured on mxnet-cu117,
 # see the README's GPU section); used when the CUDA toolkit's cuobjdump is not there to read the library itself.
@@ -56,14 +56,6 @@ IMAGES_PER_DECODE_THREAD_224 = 400
 # Checkpoint files hold float32 values: parameters (network) + one momentum buffer per trainable parameter (NAG).
 BYTES_PER_VALUE = 4
 CHECKPOINT_OVERHEAD_BYTES = 1 << 20  # names, headers, the .json record: far less than 1 MiB
-
-
-@dataclass(frozen=True)
-class Result:
-    status: str  # one of STATUSES
-    check: str  # short name, e.g. "gpu 0"
-    detail: str  # what was found
-    fix: str = ""  # what to do (warnings and failures)
 
 
 # ------------------------------------------------------------------------------------------------ versions
@@ -473,21 +465,17 @@ def load_recipe_file(recipe_path: str) -> tuple[object, list[Result]]:
 
 
 def check_data(recipe_path: str, data_root: str) -> tuple[list[Result], list[str] | None]:
-    """(results, the class names or None) for a recipe that loads: its packed data as the trainer checks it
-    (recipe checks with the data root, then packed.check_for, the trainer's own check), the evaluation split
-    the sweep reads, and the first record of each split decoded."""
+    """(results, the class names or None) for a recipe that loads: its packed data by packed.check_for, the
+    trainer's own check, with the evaluation split the sweep reads, then the first record of each split
+    decoded."""
     from gluon_imagenet.packed import check_for
-    from gluon_imagenet.recipe import RecipeError, load_recipe
 
-    try:
-        recipe = load_recipe(recipe_path, data_root=data_root)
-    except RecipeError as e:  # the file itself loaded: what is wrong now is the packed data
-        return [Result("failure", "data", str(e), "pack the data: python tools/im2rec_multi.py SRC --root "
-                                                  f"{data_root} --sizes ...")], None
+    recipe, failures = load_recipe_file(recipe_path)
+    if recipe is None:
+        return failures, None
     problems = check_for(recipe, data_root, eval_split=True)
     if problems:
-        return [Result("failure", "data", problem, "pack it again with tools/im2rec_multi.py (then --verify)")
-                for problem in problems], None
+        return [Result("failure", "data", problem.detail, problem.fix) for problem in problems], None
     try:
         from gluon_imagenet.data import DataError, read_class_names, train_images_for
 

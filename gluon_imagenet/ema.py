@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import mxnet as mx
 
+from gluon_imagenet.model import is_running_stat
+
 # MXNet's multi-tensor SGD takes at most 60 arrays per call (MultiSGDKernelParam in optimizer_op-inl.h); more
 # crash the process.
 MAX_ARRAYS_PER_UPDATE = 60
@@ -27,11 +29,6 @@ MAX_ARRAYS_PER_UPDATE = 60
 
 def per_step_decay(half_life_epochs: float, steps_per_epoch: int) -> float:
     return 0.5 ** (1.0 / (half_life_epochs * steps_per_epoch))
-
-
-def is_running_stat(name: str, param) -> bool:
-    """BatchNorm's running means and variances: updated by each rank from its own data, never allreduced."""
-    return param.grad_req == "null" and "running" in name
 
 
 class WeightEMA:

@@ -201,7 +201,7 @@ def refusal(fits: list[PhaseFit]) -> str:
 
 def check_memory(recipe, model: str, classes: int, gpus, amp: bool, ranks: int) -> list:
     """The doctor's lines: one per phase, probed on GPU 0 (or the CPU)."""
-    from gluon_imagenet.doctor import Result
+    from gluon_imagenet.probes import Result
 
     device = "gpu:0" if gpus else "cpu"
     amp_dtype = "float16" if gpus and amp else None

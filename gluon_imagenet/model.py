@@ -43,3 +43,10 @@ def no_weight_decay(net: Classifier) -> None:
     """Turn weight decay off for BatchNorm (gamma, beta) and biases."""
     for param in net.collect_params(".*gamma|.*beta|.*bias").values():
         param.wd_mult = 0.0
+
+
+def is_running_stat(name: str, param) -> bool:
+    """BatchNorm's running means and variances (not trained: no gradient), by their name under the network:
+    updated by each rank from its own data and never allreduced, so averaged before a checkpoint (dist.py), and
+    averaged by the weight EMA (ema.py)."""
+    return param.grad_req == "null" and "running" in name

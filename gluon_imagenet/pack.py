@@ -40,15 +40,16 @@ import warnings
 from dataclasses import dataclass
 
 import cv2
-import numpy as np
 from PIL import Image
 
 from gluon_imagenet import locks, stops
 from gluon_imagenet.files import atomic_open, make_writable_dir
+from gluon_imagenet.images import decode, encode_jpeg, resized_through, short_side_shape  # the chain predict.py runs too
 from gluon_imagenet.pack_pool import WorkerDied, ordered_map
-# The checks of packed data, part of this module's API (the trainer and the tests import them from here).
-from gluon_imagenet.pack_verify import check_packed_split, read_index, verify_root, verify_split  # noqa: F401
-from gluon_imagenet.packed import PACK_LOCK, PackError, read_classes, read_meta  # noqa: F401 (part of this module's API)
+# The checks of packed data, part of this module's API (the tests import them from here).
+from gluon_imagenet.pack_verify import verify_root, verify_split  # noqa: F401
+from gluon_imagenet.packed import (  # noqa: F401 (part of this module's API)
+    DEFAULT_DATA_ROOT, PACK_LOCK, PackError, check_packed_split, read_classes, read_index, read_meta)
 from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 SPLITS = ("train", "val")
@@ -276,9 +277,8 @@ def encode_item(item: Item) -> tuple[dict[int, bytes] | None, str]:
 
 
 def _convert(data: bytes, s: Settings) -> tuple[dict[int, bytes] | None, str]:
-    # IMREAD_COLOR turns grayscale, palette, CMYK, alpha and 16-bit images into 8-bit 3-channel BGR.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
+    image = decode(data)
+    if image is None:
         return None, "not a decodable image"
     h, w = image.shape[:2]
     if s.pass_through:
@@ -294,13 +294,9 @@ def _convert(data: bytes, s: Settings) -> tuple[dict[int, bytes] | None, str]:
         if max(new_h, new_w) > JPEG_MAX_SIDE:
             return None, (f"{w}x{h} px: resized to short side {size} it would be {new_w}x{new_h} px, beyond JPEG's "
                           f"limit of {JPEG_MAX_SIDE} px per side")
-    out = {}
-    # Largest size first, each smaller one from the previous result: every step shrinks by a small factor,
-    # where bilinear is both fast and alias-free enough (INTER_AREA costs 5x more at non-integer factors).
-    for size in sorted(s.sizes, reverse=True):
-        image = resize_short_side(image, size)
-        out[size] = encode_jpeg(image, s.quality)
-    return out, ""
+    # Largest size first, each smaller one from the previous result (images.resized_through says why).
+    return {size: encode_jpeg(resized, s.quality)
+            for size, resized in resized_through(image, sorted(s.sizes, reverse=True))}, ""
 
 
 def _unreadable(path: str, error: OSError) -> str:
@@ -328,35 +324,6 @@ def _too_many_pixels(data: bytes) -> str:
     if width * height > MAX_PIXELS:
         return f"too large to decode safely: {width}x{height} px, over {MAX_PIXELS:,} px"
     return ""
-
-
-def short_side_shape(h: int, w: int, size: int) -> tuple[int, int]:
-    """(height, width) after resizing the short side to size, aspect kept."""
-    if h <= w:
-        return size, max(1, round(w * size / h))
-    return max(1, round(h * size / w)), size
-
-
-def resize_short_side(image: np.ndarray, size: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    new_h, new_w = short_side_shape(h, w, size)
-    if (new_h, new_w) == (h, w):
-        return image
-    shrink = min(h, w) / size
-    if shrink > 2:
-        interpolation = cv2.INTER_AREA  # bilinear would skip pixels and alias
-    elif shrink >= 1:
-        interpolation = cv2.INTER_LINEAR
-    else:
-        interpolation = cv2.INTER_CUBIC  # enlarging a small image
-    return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes()
 
 
 def _encode_indexed(args: tuple[int, Item]):
@@ -548,7 +515,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python tools/im2rec_multi.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", help="image tree with train/<class>/ and val/<class>/ (or flat val/)")
-    p.add_argument("--root", default="recordio", help="data root to write (default: recordio)")
+    p.add_argument("--root", default=DEFAULT_DATA_ROOT, help=f"data root to write (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--sizes", type=int, nargs="*", default=[160, 320],
                    help="short sides to resize to, pixels (default: 160 320)")
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))

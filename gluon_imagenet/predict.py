@@ -13,7 +13,7 @@ sweep is the accuracy you get here (see prepare()).
 Exit codes: 0 every image was predicted; 1 at least one image could not be read or decoded (each gets one
 line on stderr; the others are still predicted and printed); 2 the model folder or the arguments are unusable.
 
-Imports MXNet, NumPy, OpenCV and the packer's short-side resize only, never the training code: the model
+Imports MXNet, NumPy, OpenCV and the packer's image chain (images.py) only, never the training code: the model
 folder is all it needs.
 """
 from __future__ import annotations
@@ -29,9 +29,8 @@ import cv2
 import mxnet as mx
 import numpy as np
 
-# The packer's own functions, so the resize is the packer's by construction (pack.py imports no MXNet or
-# training code at module level).
-from gluon_imagenet.pack import encode_jpeg, resize_short_side
+# The packer's own image chain, so the resize and the JPEG step are the packer's by construction.
+from gluon_imagenet.images import as_packed, decode
 
 MODEL_JSON = "model.json"
 FORMAT = "gluon_imagenet.export/1"
@@ -150,11 +149,7 @@ def prepare(image_bgr: np.ndarray, prep: dict) -> np.ndarray:
        to `resize` with C integer arithmetic for the long side, then the centre crop, offsets (rows - S) / 2
        and (cols - S) / 2 rounded down. Then BGR -> RGB as iter_image_recordio_2.cc does (swap_indices).
     """
-    image = image_bgr
-    for size in prep["packer_sizes"]:  # largest first, as pack.encode_item resizes
-        image = resize_short_side(image, size)
-    if prep["jpeg_quality"]:
-        image = cv2.imdecode(np.frombuffer(encode_jpeg(image, prep["jpeg_quality"]), np.uint8), cv2.IMREAD_COLOR)
+    image = as_packed(image_bgr, prep["packer_sizes"], prep["jpeg_quality"])  # largest first, as the packer
     crop, resize = prep["crop"], prep["resize"]
     rows, cols = image.shape[:2]
     if rows > cols:
@@ -187,8 +182,8 @@ def read_image(path: str) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable: {e.strerror}"
     if not data:
         return None, "empty file"
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
+    image = decode(data)
+    if image is None:
         return None, "not a decodable image"
     return image, ""
 

@@ -5,6 +5,9 @@ A probe runs in its own process: amp.init() changes a process for good, a CUDA f
 process's peak memory only ever grows (a per-phase peak needs a fresh process per phase). A child that reports
 an error and then stops making progress (MXNet prints `Check failed` inside an engine thread and waits forever)
 is ended at once and its error reported, rather than after the whole timeout.
+
+Result, one line of the doctor's report, lives here so that the doctor and the probes it runs (memory_probe)
+both import it without importing each other.
 """
 from __future__ import annotations
 
@@ -17,6 +20,18 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+STATUSES = ("ok", "info", "warning", "failure")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One line of the doctor's report."""
+    status: str  # one of STATUSES
+    check: str  # short name, e.g. "gpu 0"
+    detail: str  # what was found
+    fix: str = ""  # what to do (warnings and failures)
+
 
 # A child whose stderr shows an error and that has not ended this many seconds later is taken to be stuck.
 STUCK_AFTER_ERROR_SECONDS = 10.0

@@ -1,8 +1,9 @@
 """Training recipes: a list of phases plus run-wide settings, loaded from YAML and validated before any work.
 
 A recipe is data. Every field is declared below with its unit; a key that no field declares is an error, not
-silently ignored. Loading checks the whole recipe (and, when a data root is given, the packed data it names)
-and raises RecipeError naming the file, the phase, the field, the bad value and what is allowed.
+silently ignored. Loading checks what the recipe file says and raises RecipeError naming the file, the phase,
+the field, the bad value and what is allowed; whether packed data is fit to train it on is packed.check_for's
+check (the trainer, the doctor and `show --data-root` make it).
 
 Show the plan a recipe makes for a given number of workers and training images:
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from gluon_imagenet.packed import holds, packed_short_side
+from gluon_imagenet.packed import check_for, size_problem
 
 LR_METHODS = ("linear", "exp", "cosine")
 LR_SCALING_RULES = ("linear", "none")
@@ -95,6 +96,10 @@ class Recipe:
     def resolved_eval_data_dir(self) -> str:
         return self.eval_data_dir or self.phases[-1].data_dir
 
+    def phase_label(self, index: int) -> str:
+        """How messages name phase `index`: "phase 2 (epochs [3, 5))"."""
+        return _phase_name(index, self.phases[index])
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("source")
@@ -116,9 +121,8 @@ _PHASE_FIELDS = {f.name for f in dataclasses.fields(Phase)}
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
 
 
-def load_recipe(path: str, data_root: str | None = None, require_val: bool = True) -> Recipe:
-    """Read and validate a recipe file; with data_root, also check the packed data each phase names (and the
-    evaluation data, unless require_val is False: the trainer never reads it)."""
+def load_recipe(path: str) -> Recipe:
+    """Read and validate a recipe file (its packed data: packed.check_for)."""
     try:
         with open(path) as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
@@ -126,7 +130,7 @@ def load_recipe(path: str, data_root: str | None = None, require_val: bool = Tru
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return recipe_from_dict(raw, source=path, data_root=data_root, require_val=require_val)
+    return recipe_from_dict(raw, source=path)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -145,8 +149,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None = None,
-                     require_val: bool = True) -> Recipe:
+def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with a 'phases' list, got {type(raw).__name__}")
     _reject_unknown(raw, _RECIPE_FIELDS, source)
@@ -156,70 +159,34 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>", data_root: str | None =
     _check_phase_sequence(phases, source)
 
     where = source
+    # A field the recipe leaves out takes the dataclass field's default (Recipe.X): its one owner.
     kwargs: dict[str, Any] = {"phases": phases, "source": source}
-    kwargs["reference_workers"] = _integer(raw, "reference_workers", 8, where, minimum=1)
-    kwargs["lr_scaling"] = _choice(raw, "lr_scaling", "linear", LR_SCALING_RULES, where)
-    kwargs["weight_decay"] = _number(raw, "weight_decay", 0.0, where, minimum=0.0)
-    kwargs["momentum"] = _number(raw, "momentum", 0.9, where, minimum=0.0, below=1.0)
-    kwargs["optimizer"] = _choice(raw, "optimizer", "nag", OPTIMIZERS, where)
+    kwargs["reference_workers"] = _integer(raw, "reference_workers", Recipe.reference_workers, where, minimum=1)
+    kwargs["lr_scaling"] = _choice(raw, "lr_scaling", Recipe.lr_scaling, LR_SCALING_RULES, where)
+    kwargs["weight_decay"] = _number(raw, "weight_decay", Recipe.weight_decay, where, minimum=0.0)
+    kwargs["momentum"] = _number(raw, "momentum", Recipe.momentum, where, minimum=0.0, below=1.0)
+    kwargs["optimizer"] = _choice(raw, "optimizer", Recipe.optimizer, OPTIMIZERS, where)
     kwargs["loss_scale"] = _loss_scale(raw, where)
-    kwargs["label_smoothing"] = _number(raw, "label_smoothing", 0.0, where, minimum=0.0, below=1.0)
-    kwargs["min_random_area"] = _number(raw, "min_random_area", 0.08, where, minimum=0.01)
+    kwargs["label_smoothing"] = _number(raw, "label_smoothing", Recipe.label_smoothing, where, minimum=0.0, below=1.0)
+    kwargs["min_random_area"] = _number(raw, "min_random_area", Recipe.min_random_area, where, minimum=0.01)
     if kwargs["min_random_area"] > 1:
         raise RecipeError(f"{where}: field 'min_random_area': {kwargs['min_random_area']} must be <= 1")
     kwargs["aspect_ratio"] = _aspect_ratio(raw, where)
-    kwargs["mirror"] = _boolean(raw, "mirror", True, where)
-    kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", 0.0, where, minimum=0.0)
-    kwargs["eval_image_size"] = _integer(raw, "eval_image_size", 0, where, minimum=0)
-    kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", "", where)
-    kwargs["name"] = _text(raw, "name", "", where)
+    kwargs["mirror"] = _boolean(raw, "mirror", Recipe.mirror, where)
+    kwargs["warmup_epochs"] = _number(raw, "warmup_epochs", Recipe.warmup_epochs, where, minimum=0.0)
+    kwargs["eval_image_size"] = _integer(raw, "eval_image_size", Recipe.eval_image_size, where, minimum=0)
+    kwargs["eval_data_dir"] = _text(raw, "eval_data_dir", Recipe.eval_data_dir, where)
+    kwargs["name"] = _text(raw, "name", Recipe.name, where)
     kwargs["ema"] = _ema(raw, where)
     if kwargs["warmup_epochs"] > phases[-1].epochs[1]:
         raise RecipeError(
             f"{where}: field 'warmup_epochs': {kwargs['warmup_epochs']} is longer than the whole recipe "
             f"({phases[-1].epochs[1]} epochs)")
     recipe = Recipe(**kwargs)
-    if data_root is not None:
-        check_data(recipe, data_root, require_val)
-    else:
-        _check_sizes(recipe, None)
+    too_large = size_problem(recipe, None)  # a numeric data_dir names its short side: no data needed to see it
+    if too_large:
+        raise RecipeError(too_large)
     return recipe
-
-
-def check_data(recipe: Recipe, data_root: str, require_val: bool = True) -> None:
-    """Every phase's data dir holds train.rec/.idx, the eval dir holds val.rec/.idx, and no crop is larger
-    than the short side the data was packed at."""
-    if not os.path.isdir(data_root):
-        raise RecipeError(f"{recipe.source}: data root {data_root!r} does not exist; pack data with "
-                          "`python tools/im2rec_multi.py SRC --root DATA_ROOT` or pass --data-root")
-    for i, phase in enumerate(recipe.phases):
-        folder = os.path.join(data_root, phase.data_dir)
-        for name in ("train.rec", "train.idx"):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise RecipeError(
-                    f"{recipe.source}: {_phase_name(i, phase)}: field 'data_dir': {phase.data_dir!r} has no "
-                    f"{name} under {folder!r}; pack that size with tools/im2rec_multi.py --sizes ...")
-    folder = os.path.join(data_root, recipe.resolved_eval_data_dir)
-    for name in ("val.rec", "val.idx") if require_val else ():
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise RecipeError(f"{recipe.source}: field 'eval_data_dir': {recipe.resolved_eval_data_dir!r} has no "
-                              f"{name} under {folder!r}")
-    _check_sizes(recipe, data_root)
-
-
-def _check_sizes(recipe: Recipe, data_root: str | None) -> None:
-    """No crop larger than its data dir's short side (known from pack.json, or a numeric folder name)."""
-    for i, phase in enumerate(recipe.phases):
-        _check_size_fits(recipe.source, f"{_phase_name(i, phase)}: field 'image_size'", phase.image_size,
-                         packed_short_side(data_root, phase.data_dir), phase.data_dir)
-    _check_size_fits(recipe.source, "field 'eval_image_size'", recipe.resolved_eval_image_size,
-                     packed_short_side(data_root, recipe.resolved_eval_data_dir), recipe.resolved_eval_data_dir)
-
-
-def _check_size_fits(source: str, where: str, size: int, short_side: int | None, data_dir: str) -> None:
-    if not holds(short_side, size):
-        raise RecipeError(f"{source}: {where}: {size} px is larger than the {short_side} px short side of data dir "
-                          f"{data_dir!r}; use image_size <= {short_side} or a data dir packed larger")
 
 
 def _phase_name(index: int, phase: Phase | None = None) -> str:
@@ -350,7 +317,7 @@ def _aspect_ratio(raw, where):
 
 
 def _loss_scale(raw, where):
-    value = raw.get("loss_scale", "dynamic")
+    value = raw.get("loss_scale", Recipe.loss_scale)
     if value == "dynamic":
         return value
     try:
@@ -387,7 +354,7 @@ def _ema(raw, where):
     if half_life <= 0:
         raise RecipeError(f"{where}: field 'ema.half_life_epochs': {value['half_life_epochs']!r} must be a number "
                           "of epochs > 0 (e.g. 0.5)")
-    every = value.get("every_steps", 1)
+    every = value.get("every_steps", EmaSettings.every_steps)
     try:
         every = _as_int(every) if not isinstance(every, str) else int("x")
     except (TypeError, ValueError):
@@ -441,7 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:  # 0 would silently show the reference plan
                 raise RecipeError(f"{flag} {value}: must be a whole number >= 1 (leave --workers out for the "
                                   "recipe's reference_workers)")
-        recipe = load_recipe(args.recipe, data_root=args.data_root)
+        recipe = load_recipe(args.recipe)
+        problems = check_for(recipe, args.data_root, eval_split=True) if args.data_root is not None else []
+        if problems:
+            raise RecipeError("; ".join(map(str, problems)))
         workers = args.workers if args.workers is not None else recipe.reference_workers
         plan = make_plan(recipe, train_images=args.train_images, workers=workers, lr_scaling=args.lr_scaling)
     except (RecipeError, PlanError) as e:

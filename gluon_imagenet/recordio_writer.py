@@ -17,13 +17,13 @@ import struct
 
 RECORD_MAGIC = 0xCED7230A
 _MAGIC = struct.pack("<I", RECORD_MAGIC)
-_IRHEADER = struct.Struct("IfQQ")  # mx.recordio.IRHeader as mx.recordio.pack writes it: flag, label, id, id2
+IRHEADER = struct.Struct("IfQQ")  # mx.recordio.IRHeader as mx.recordio.pack writes it: flag, label, id, id2
 _MAX_LENGTH = 1 << 29  # the length field's 29 bits
 
 
 def image_record(label: float, record_id: int, payload: bytes) -> bytes:
     """mx.recordio.pack(IRHeader(0, label, record_id, 0), payload) for a scalar label."""
-    return _IRHEADER.pack(0, label, record_id, 0) + payload
+    return IRHEADER.pack(0, label, record_id, 0) + payload
 
 
 def _part(cflag: int, data: bytes | memoryview) -> bytes:

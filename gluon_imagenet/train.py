@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from gluon_imagenet import checkpoint, locks, resume, stops
 from gluon_imagenet.files import atomic_open, make_writable_dir
 from gluon_imagenet.names import MODELS
-from gluon_imagenet.packed import PACK_LOCK
+from gluon_imagenet.packed import DEFAULT_DATA_ROOT, PACK_LOCK
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
 
 LOCK_NAME = "train.lock"  # in the run dir, held by rank 0 for the whole run (the sweep's --watch asks it)
@@ -52,7 +52,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m gluon_imagenet.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/imagenet104.yaml is the seed's)")
-    p.add_argument("--data-root", default="recordio", help="packed data root (default: recordio)")
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"packed data root (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--run-dir", help="folder for checkpoints and logs (required unless --synthetic/--io-only)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --run-dir")
     p.add_argument("--ctx", choices=("cpu", "gpu"), help="device (default: gpu if MXNet sees one)")
@@ -116,10 +116,10 @@ def prepare(args, ranks) -> Setup:
 
     from gluon_imagenet.packed import check_for
 
-    recipe = load_recipe(args.recipe, data_root=args.data_root, require_val=False)  # the trainer reads no val
-    problems = check_for(recipe, args.data_root)  # the doctor's data check too
+    recipe = load_recipe(args.recipe)
+    problems = check_for(recipe, args.data_root)  # the doctor's data check too; the trainer reads no val split
     if problems:
-        raise SetupError("; ".join(problems))
+        raise SetupError("; ".join(map(str, problems)))
     classes = read_class_names(args.data_root)
     plan = make_plan(recipe, train_images_for(args.data_root, [p.data_dir for p in recipe.phases]), ranks.size,
                      lr_scaling=args.lr_scaling)

@@ -9,6 +9,7 @@ import pytest
 from conftest import run_tool
 from gluon_imagenet.data import Augmentation, BatchStream, Shard, train_iterator
 from gluon_imagenet.devices import Device
+from gluon_imagenet.recipe import recipe_from_dict
 
 
 def pack_tree(tmp_path, images_by_class, size):
@@ -43,6 +44,13 @@ def identical_images(tmp_path_factory):
 def take_batches(root, count, batch=8, threads=1, **kw):
     stream = BatchStream(train_iterator(root, "64", 32, batch, Shard(), 0, threads, **kw))
     return [data.asnumpy() for data, _ in stream.take(count)]
+
+
+def test_augmentation_defaults_are_the_recipes():
+    """An iterator made without a recipe augments as a recipe that leaves the fields out (Recipe owns them)."""
+    minimal = recipe_from_dict({"phases": [{"epochs": [0, 1], "lr": [0.1, 0.1], "lr_method": "linear",
+                                            "batch_size": 4, "image_size": 32, "data_dir": "64"}]})
+    assert Augmentation() == Augmentation(minimal.min_random_area, minimal.aspect_ratio, minimal.mirror)
 
 
 def test_augmentation_differs_across_positions_and_batches(identical_images):

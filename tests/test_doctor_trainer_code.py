@@ -138,12 +138,32 @@ def test_doctor_and_trainer_agree_on_damaged_packed_data(packed_root, tmp_path, 
     shutil.copytree(packed_root, root)
     damage(str(root / "40"))
     recipe_path = write_recipe(str(tmp_path))
-    trainer_problems = packed.check_for(load_recipe(recipe_path, data_root=str(root), require_val=False), str(root))
+    trainer_problems = packed.check_for(load_recipe(recipe_path), str(root))
     results, _ = doctor.check_data(recipe_path, str(root))
     doctor_failed = any(r.status == "failure" for r in results)
     assert doctor_failed == bool(trainer_problems), (trainer_problems, results)
     if damage is test_pack._cut_500:
         assert trainer_problems and doctor_failed and "cut short" in results[0].detail
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__.strip("_"))
+def test_recipe_show_and_trainer_agree_on_damaged_packed_data(packed_root, tmp_path, damage):
+    """`recipe show --data-root` makes the trainer's check: it refuses what the trainer refuses, with the same
+    words, and passes what the trainer passes (the damage is to a train split: the val split it adds is intact)."""
+    root = tmp_path / "rec"
+    shutil.copytree(packed_root, root)
+    damage(str(root / "40"))
+    recipe_path = write_recipe(str(tmp_path))
+    trainer_problems = packed.check_for(load_recipe(recipe_path), str(root))
+    proc = run_tool(["-m", "gluon_imagenet.recipe", "show", recipe_path, "--workers", "1", "--data-root", str(root)],
+                    timeout=120)
+    if trainer_problems:
+        assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout, proc.stderr)
+        assert proc.stderr.strip() == "error: " + "; ".join(map(str, trainer_problems))
+    else:
+        assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+    if damage is test_pack._cut_500:
+        assert proc.returncode == 2 and "packed data '40' is damaged" in proc.stderr and "cut short" in proc.stderr
 
 
 def test_a_rec_cut_by_500_bytes_fails_the_doctor(packed_root, tmp_path):

@@ -26,6 +26,17 @@ def tiny_net():
     return net
 
 
+def test_running_stats_are_batchnorms_running_mean_and_var_only():
+    """model.is_running_stat: the one rule the EMA and the ranks' averaging (dist.py) use."""
+    from gluon_imagenet.ema import WeightEMA
+    from gluon_imagenet.model import is_running_stat
+
+    net = tiny_net()
+    named = net._collect_params_with_prefix()
+    assert sorted(n for n, p in named.items() if is_running_stat(n, p)) == ["1.running_mean", "1.running_var"]
+    assert WeightEMA(net, half_life_epochs=0.5).running_stat_names == ["1.running_mean", "1.running_var"]
+
+
 @pytest.mark.parametrize("aggregate", [False, True], ids=["per-array", "multi-tensor"])
 @pytest.mark.parametrize("every_steps, steps", [(1, 7), (3, 7), (3, 9)])
 def test_ema_equals_its_closed_form_with_constant_weights(every_steps, steps, aggregate):

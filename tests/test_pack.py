@@ -206,6 +206,14 @@ def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "out" / "40") and not os.path.exists(tmp_path / "out" / "160")
 
 
+def test_the_packer_writes_where_the_trainer_reads_by_default():
+    """One default data root (packed.DEFAULT_DATA_ROOT) for `im2rec_multi.py SRC` and `train` without --data-root."""
+    from gluon_imagenet import packed, train
+
+    assert pack.parse_args(["src"]).root == packed.DEFAULT_DATA_ROOT == "recordio"
+    assert train.parse_args(["--recipe", "r.yaml", "--run-dir", "run"]).data_root == packed.DEFAULT_DATA_ROOT
+
+
 def test_pass_through_keeps_the_bytes(tmp_path):
     generate(str(tmp_path / "src"), train_per_class=2, val_per_class=1, seed=6, classes=("disc", "ring"),
              size=(40, 50))

@@ -70,9 +70,18 @@ def _flock(fd: int, mode: int, wait: bool) -> bool:
     return False
 
 
+def command_line() -> str:
+    """This process's command as it was typed: `python -m gluon_imagenet.train ...` for a package run with -m
+    (whose sys.argv[0] is the path of its __main__.py), else sys.argv joined."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name and sys.argv and sys.argv[0].endswith(".py"):
+        return " ".join(["python", "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
 def _write_info(fd: int) -> dict:
     """Who holds the lock, written into its file for the next process that is refused."""
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": " ".join(sys.argv)}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": command_line()}
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(info).encode())
     return info

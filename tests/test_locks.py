@@ -64,7 +64,8 @@ def test_the_packer_refuses_a_data_root_a_trainer_reads(shapes_tree, tmp_path):
             time.sleep(0.2)
         refused = run_tool(pack + ["--force"])
         assert refused.returncode == 2, refused.stderr
-        assert f"in use by pid {trainer.pid} " in refused.stderr and "train.py --recipe" in refused.stderr
+        assert f"in use by pid {trainer.pid} " in refused.stderr
+        assert "python -m gluon_imagenet.train --recipe" in refused.stderr  # the holder's command, as typed
     finally:
         trainer.send_signal(signal.SIGTERM)
         trainer.wait(timeout=60)

@@ -1,5 +1,6 @@
 """Checkpoints in a run folder: ckpt-<step>.params (network), .states (optimizer), .json (the record), and with a
-recipe's `ema` also .ema.params (the weight EMA, in .params' format: ema.py).
+recipe's `ema` also .ema.params (the weight EMA, in .params' format: ema.py). The record's shape is Record,
+written by save and read by read_record here only.
 
 Names sort by global step. Every file is written under a temporary name and renamed when complete; the
 .json, written last, holds the size and SHA-256 of the others, so a damaged or partial checkpoint is
@@ -12,7 +13,7 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 from gluon_imagenet.files import atomic_open
 
@@ -23,10 +24,80 @@ REQUIRED_EXTS = (".params", ".states")
 
 
 @dataclass(frozen=True)
+class Record:
+    """A checkpoint's .json record (loop.Run.record builds it, save writes it with `step` and `files`). A record
+    written before a field existed reads with it None; `missing` names those fields: what is not recorded is not
+    compared (resume.check)."""
+    step: int | None = None  # global steps completed
+    files: dict = field(default_factory=dict)  # {extension: {"bytes", "sha256"}} of the files beside the record
+    epoch: float | None = None  # epochs completed, fractional for a mid-epoch checkpoint
+    epoch_index: int | None = None  # the epoch its last step was in
+    phase: int | None = None  # index of the phase its last step was in
+    image_size: int | None = None  # that phase's training crop in pixels
+    data_dir: str | None = None  # that phase's packed data dir
+    images_seen: int | None = None  # training images seen over all ranks
+    wall_seconds: float | None = None  # wall time of the run so far, across resumes
+    train_seconds: float | None = None  # time spent training (saving left out), across resumes
+    recipe_digest: str | None = None  # recipe.digest() of the recipe it was trained with
+    world_size: int | None = None  # Horovod ranks
+    model: str | None = None  # network name (names.MODELS)
+    classes: int | None = None  # the network's output count
+    lr: float | None = None  # learning rate of its last step
+    loss: float | None = None  # loss of its last step (NaN possible)
+    final: bool | None = None  # whether it is the plan's last step
+    amp: str | None = None  # the AMP dtype it was trained with, None: AMP off
+    recipe: dict | None = None  # the recipe it was trained with (recipe.to_dict)
+    trained_on: dict | None = None  # classes, training images and data identity (resume.trained_on)
+    ema: dict | None = None  # {"half_life_epochs", "every_steps"} when the recipe keeps a weight EMA
+    loss_scaler: dict | None = None  # AMP's dynamic loss scaler state
+    loss_scale: float | None = None  # loss_scaler["loss_scale"], for readers of the record by eye
+    missing: frozenset = field(default=frozenset(), compare=False)  # fields the record on disk did not hold
+
+    # Written even when None: None is a fact there (AMP off), not "not recorded".
+    _WRITTEN_WHEN_NONE = ("amp",)
+
+    def recorded(self, name: str) -> bool:
+        """Whether the record holds field `name` (an older trainer's record may not)."""
+        return name not in self.missing
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "missing"
+                and (getattr(self, f.name) is not None or f.name in self._WRITTEN_WHEN_NONE)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Record":
+        """Any record this trainer or an older one wrote: missing keys are None (listed in `missing`), unknown
+        ones ignored."""
+        names = [f.name for f in fields(cls) if f.name != "missing"]
+        values = {n: raw[n] for n in names if n in raw}
+        if not isinstance(values.get("files"), dict):
+            values["files"] = {}
+        return cls(**values, missing=frozenset(n for n in names if n not in raw))
+
+    @property
+    def is_mid_epoch(self) -> bool:
+        return not float(self.epoch or 0).is_integer()
+
+    @property
+    def params_sha256(self) -> str | None:
+        return (self.files.get(".params") or {}).get("sha256")
+
+
+def read_record(path: str) -> Record:
+    """A checkpoint's .json record. OSError when it cannot be read (FileNotFoundError: pruned meanwhile),
+    ValueError when it is not JSON or not an object."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"holds a {type(raw).__name__}, not an object")
+    return Record.from_dict(raw)
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     step: int
     json_path: str
-    record: dict
+    record: Record
 
     @property
     def params_path(self) -> str:
@@ -57,7 +128,7 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: str, step: int, net, trainer, record: dict, extra: dict | None = None) -> Checkpoint:
+def save(run_dir: str, step: int, net, trainer, record: Record, extra: dict | None = None) -> Checkpoint:
     """Atomically save network, optimizer state, the `extra` files ({extension: write(path)}) and the record for
     global `step` (steps completed)."""
     prefix = prefix_for(run_dir, step)
@@ -72,10 +143,10 @@ def save(run_dir: str, step: int, net, trainer, record: dict, extra: dict | None
             files[ext] = {"bytes": os.path.getsize(temp), "sha256": sha256_of(temp)}
             os.replace(temp, prefix + ext)
             written.append(prefix + ext)
-        record = dict(record, step=step, files=files)
+        record = replace(record, step=step, files=files)
         written.append(prefix + ".json")
         with atomic_open(prefix + ".json") as f:  # written last: its presence marks the checkpoint complete
-            json.dump(record, f, indent=1, sort_keys=True)
+            json.dump(record.to_dict(), f, indent=1, sort_keys=True)
     except BaseException:
         # A full disk, or a stop (Ctrl-C, SIGTERM) while saving: leave no piece of this checkpoint, so that
         # resume and the sweep see the previous one as the newest instead of reporting a damaged one.
@@ -107,10 +178,6 @@ def save_optimizer_states(trainer, path: str) -> None:
         f.write(pickle.dumps((states, updater.optimizer)))
 
 
-def is_mid_epoch(record: dict) -> bool:
-    return not float(record.get("epoch", 0)).is_integer()
-
-
 def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` mid-epoch checkpoints (epoch checkpoints all stay: the sweep evaluates
     them). The record goes first, so an interrupted deletion leaves what looks like an interrupted save, which
@@ -118,9 +185,8 @@ def prune_mid_epoch(run_dir: str, keep: int) -> list[str]:
     mid = []
     for name, record_path in candidates(run_dir):
         try:
-            with open(record_path) as f:
-                if is_mid_epoch(json.load(f)):
-                    mid.append(name)
+            if read_record(record_path).is_mid_epoch:
+                mid.append(name)
         except (TypeError, OSError, ValueError):
             continue  # partial or damaged: not ours to judge here
     doomed = mid[:-keep] if keep else []
@@ -138,13 +204,12 @@ def problem(ckpt_json: str, required_only: bool = False) -> tuple[Checkpoint | N
     without its other files (the sweep and export evaluate the raw weights when the EMA file is damaged, and
     check that file themselves with file_problem)."""
     try:
-        with open(ckpt_json) as f:
-            record = json.load(f)
+        record = read_record(ckpt_json)
     except (OSError, ValueError) as e:
         return None, f"unreadable record ({e})"
     step = int(NAME.match(os.path.basename(ckpt_json)).group(1))
     ckpt = Checkpoint(step, ckpt_json, record)
-    listed = record.get("files", {}) if isinstance(record.get("files"), dict) else {}
+    listed = record.files
     prefix = ckpt_json[: -len(".json")]
     extras = () if required_only else sorted(set(listed) - set(REQUIRED_EXTS))
     for ext in (*REQUIRED_EXTS, *extras):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import mxnet as mx
 
+from gluon_imagenet.eval_settings import DEFAULT_CROP_FRACTION
 from gluon_imagenet.packed import PackError, packed_count, read_classes, split_paths
 from gluon_imagenet.recipe import Recipe
 
@@ -87,7 +88,7 @@ def train_iterator(*args, **kwargs) -> mx.io.DataIter:
 
 
 def val_iterator(data_root: str, data_dir: str, image_size: int, batch_size: int, threads: int,
-                 crop_fraction: float = 0.875, device_id: int = -1) -> mx.io.DataIter:
+                 crop_fraction: float = DEFAULT_CROP_FRACTION, device_id: int = -1) -> mx.io.DataIter:
     """Single center crop: resize the short side to image_size / crop_fraction, crop image_size."""
     rec, idx = split_paths(data_root, data_dir, "val")
     return mx.io.ImageRecordIter(

@@ -3,7 +3,8 @@ weights (raw, or the EMA weights the trainer saves beside a checkpoint), with th
 
 The EMA interface the trainer writes: `<prefix>.ema.params` (net.save_parameters of the same architecture, the same
 parameter names as `.params`, BatchNorm running statistics included), listed in the record's `files` under
-".ema.params" with "bytes" and "sha256", and record["ema"] = {"half_life_epochs": ..., "every_steps": ...}.
+".ema.params" with "bytes" and "sha256", and record.ema = {"half_life_epochs": ..., "every_steps": ...}
+(checkpoint.Record).
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from gluon_imagenet import checkpoint
 EMA_EXT = ".ema.params"
 WEIGHTS = ("raw", "ema", "both")
 DEFAULT_SETTING = (1.0, False, "raw")  # scale, flip, weights: what the sweep measured before settings existed
+# Centre crop / resized short side: the sweep's --crop-fraction default, the validation iterator's, and what
+# export assumes for results written before the sweep recorded it.
+DEFAULT_CROP_FRACTION = 0.875
 
 
 class SettingsError(Exception):
@@ -39,8 +43,8 @@ def parse_scales(text: str, flag: str = "--eval-scales") -> tuple[float, ...]:
     return tuple(scales)
 
 
-def has_ema(record: dict) -> bool:
-    return EMA_EXT in (record.get("files") or {})
+def has_ema(record: checkpoint.Record) -> bool:
+    return EMA_EXT in record.files
 
 
 def ema_path(ckpt: checkpoint.Checkpoint) -> str:
@@ -50,11 +54,11 @@ def ema_path(ckpt: checkpoint.Checkpoint) -> str:
 def ema_problem(ckpt: checkpoint.Checkpoint) -> str:
     """'' when the checkpoint's EMA file is there and matches its record, else what is wrong with it (the
     checkpoint's own rule: one notion of intact)."""
-    why = checkpoint.file_problem(ema_path(ckpt), ckpt.record["files"][EMA_EXT])
+    why = checkpoint.file_problem(ema_path(ckpt), ckpt.record.files[EMA_EXT])
     return f"the record's {EMA_EXT} entry has no bytes and sha256" if why.startswith("record lists no") else why
 
 
-def weights_for(choice: str | None, record: dict) -> tuple[list[str], str]:
+def weights_for(choice: str | None, record: checkpoint.Record) -> tuple[list[str], str]:
     """(the weights to evaluate, why EMA weights are left out or ''). Default: both when the checkpoint has EMA
     weights, else raw."""
     present = has_ema(record)

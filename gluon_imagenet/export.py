@@ -46,13 +46,14 @@ import sys
 
 from gluon_imagenet import best as best_rule
 from gluon_imagenet import checkpoint, packed, retention
-from gluon_imagenet.eval_settings import DEFAULT_SETTING, EMA_EXT, setting_of
+from gluon_imagenet.eval_settings import DEFAULT_CROP_FRACTION, DEFAULT_SETTING, EMA_EXT, setting_of
 from gluon_imagenet.packed import read_meta, resize_chain
+from gluon_imagenet.rundir import RunDirError, RunRecord
+from gluon_imagenet.sweep_results import SWEEP_JSON, SweepResultsError, read_results
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
 # not wait for it. write_folder() loads the folder back through predict, so the two cannot drift apart.
 MODEL_JSON = "model.json"
-DEFAULT_CROP_FRACTION = 0.875  # the sweep's default; rows written before it was recorded used it
 PREFIX = "model"  # model-symbol.json, model-0000.params
 
 
@@ -61,43 +62,26 @@ class ExportError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ reading the run
-def read_json(path: str, what: str) -> dict:
+def read_run(run_dir: str) -> RunRecord:
+    """run.json, checked as the sweep checks it (rundir: one reader of the run's record)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path!r} is unreadable ({e}): {what}") from None
-
-
-def read_run(run_dir: str) -> dict:
-    """run.json, checked as the sweep checks it (one reader of the run's record)."""
-    from gluon_imagenet.sweep_eval import SweepError
-    from gluon_imagenet.sweep_eval import read_run as read_checked
-
-    try:
-        return read_checked(run_dir)
-    except SweepError as e:
+        return RunRecord.read(run_dir)
+    except RunDirError as e:
         raise ExportError(str(e)) from None
 
 
 def read_sweep(run_dir: str) -> tuple[list[dict], str | None]:
-    """(every result in RUN_DIR/sweep.json, the metric the sweep ranked by); ([], None) before any sweep."""
-    from gluon_imagenet.sweep_results import ResultStore
-
-    path = os.path.join(run_dir, "sweep.json")
-    if not os.path.isfile(path):
-        return [], None
-    data = read_json(path, "re-run python -m gluon_imagenet.sweep_eval to rebuild it")
-    problem = ResultStore.shape_problem(data)  # the sweep's own reader's check
-    if problem:
-        raise ExportError(f"{path!r} is damaged ({problem}): re-run python -m gluon_imagenet.sweep_eval, which moves "
-                          "it aside and evaluates again")
-    ranked_by = data.get("ranked_by")
-    return list(data["results"].values()), ranked_by if ranked_by in best_rule.METRICS else None
+    """(every result in RUN_DIR/sweep.json, the metric the sweep ranked by); ([], None) before any sweep. Read
+    and checked by the sweep's own reader (sweep_results)."""
+    try:
+        read = read_results(run_dir)
+    except SweepResultsError as e:
+        raise ExportError(str(e)) from None
+    return list(read.results.values()), read.ranked_by
 
 
-def data_root_of(args, run: dict) -> str:
-    return os.path.abspath(args.data_root or run.get("data_root") or "recordio")
+def data_root_of(args, run: RunRecord) -> str:
+    return os.path.abspath(args.data_root or run.data_root or "recordio")
 
 
 def current_identity(data_root: str, data_dir: str) -> str | None:
@@ -107,7 +91,7 @@ def current_identity(data_root: str, data_dir: str) -> str | None:
         return None
 
 
-def usable_rows(args, run: dict, rows: list[dict]) -> list[dict]:
+def usable_rows(args, run: RunRecord, rows: list[dict]) -> list[dict]:
     """The results export may use: measured on the run's data root (or --data-root) as it is now, of checkpoints
     still in the run dir. What is left out is said, in one line per reason."""
     root = data_root_of(args, run)
@@ -130,11 +114,12 @@ def usable_rows(args, run: dict, rows: list[dict]) -> list[dict]:
     return [r for r in mine if r["checkpoint"] not in gone]
 
 
-def ranking_metric(args, run: dict, ranked_by: str | None) -> str:
-    metric = args.by or ranked_by or best_rule.default_metric(len(run["classes"]))
-    if metric == "top5" and not best_rule.top5_meaningful(len(run["classes"])):
+def ranking_metric(args, run: RunRecord, ranked_by: str | None) -> str:
+    classes = len(run.classes or [])
+    metric = args.by or ranked_by or best_rule.default_metric(classes)
+    if metric == "top5" and not best_rule.top5_meaningful(classes):
         if args.by:
-            raise ExportError(f"--by top5: the run has {len(run['classes'])} classes, so top-5 is 100% for any "
+            raise ExportError(f"--by top5: the run has {classes} classes, so top-5 is 100% for any "
                               "network and ranks nothing; use --by top1")
         metric = "top1"
     return metric
@@ -149,7 +134,7 @@ def choose(args, rows: list[dict], metric: str) -> tuple[str, str, dict | None]:
     """(checkpoint name, how it was chosen, the sweep result that chose it with --best); rows: usable_rows."""
     if args.best:
         if not rows:
-            raise ExportError(f"--best: {os.path.join(args.run_dir, 'sweep.json')!r} holds no results on this data "
+            raise ExportError(f"--best: {os.path.join(args.run_dir, SWEEP_JSON)!r} holds no results on this data "
                               f"root whose checkpoint still exists; evaluate the checkpoints first (python -m "
                               f"gluon_imagenet.sweep_eval --run-dir {args.run_dir}) or name one with --checkpoint")
         chosen = best_rule.best_row(rows, metric)
@@ -186,9 +171,7 @@ def newest_epoch_checkpoint(run_dir: str) -> tuple[checkpoint.Checkpoint | None,
         if record_path is None:
             continue  # being saved, or being pruned (retention deletes the record first)
         try:
-            with open(record_path) as f:
-                record = json.load(f)
-            is_mid = checkpoint.is_mid_epoch(record)
+            is_mid = checkpoint.read_record(record_path).is_mid_epoch
         except FileNotFoundError:
             continue  # pruned since it was listed
         except (OSError, ValueError, TypeError, AttributeError) as e:
@@ -222,11 +205,11 @@ def verified(run_dir: str, name: str) -> checkpoint.Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
-def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict], best: dict | None,
+def evaluation(run: RunRecord, ckpt: checkpoint.Checkpoint, rows: list[dict], best: dict | None,
                metric: str = "top1") -> tuple[int, str, float, dict | None]:
     """(crop size, packed data dir, crop fraction, sweep row or None) for the checkpoint: the --best row, else its
-    best sweep result, else the recipe's evaluation size."""
-    sha = ckpt.record["files"][".params"]["sha256"]
+    best sweep result, else the recipe's evaluation size (resolved in run.json)."""
+    sha = ckpt.record.params_sha256
     if best is not None and best.get("params_sha256", sha) != sha:
         raise ExportError(f"--best: the sweep's best result evaluated other parameters than {ckpt.name} holds now (the "
                           "checkpoint was rewritten since); re-run python -m gluon_imagenet.sweep_eval, or name a "
@@ -241,13 +224,11 @@ def evaluation(run: dict, ckpt: checkpoint.Checkpoint, rows: list[dict], best: d
     if mine:
         row = best_rule.best_row(mine, metric)
         return int(row["image_size"]), str(row["data_dir"]), float(row.get("crop_fraction", DEFAULT_CROP_FRACTION)), row
-    from gluon_imagenet.sweep_eval import SweepError, run_recipe
-
     try:
-        recipe = run_recipe(run)  # the recipe's own rule for its evaluation defaults
-    except SweepError as e:
+        image_size, data_dir = run.evaluation_defaults()
+    except RunDirError as e:
         raise ExportError(str(e)) from None
-    return recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir, DEFAULT_CROP_FRACTION, None
+    return image_size, data_dir, DEFAULT_CROP_FRACTION, None
 
 
 def ema_weights(ckpt: checkpoint.Checkpoint, row: dict) -> str:
@@ -261,7 +242,7 @@ def ema_weights(ckpt: checkpoint.Checkpoint, row: dict) -> str:
     if problem:
         raise ExportError(f"{ckpt.name}'s EMA weights: {problem}; export its raw weights by re-running the sweep "
                           "with --weights raw, or name another checkpoint")
-    if row.get("ema_sha256") not in (None, ckpt.record["files"][EMA_EXT]["sha256"]):
+    if row.get("ema_sha256") not in (None, ckpt.record.files[EMA_EXT]["sha256"]):
         raise ExportError(f"the sweep evaluated other EMA weights of {ckpt.name} than it holds now (rewritten since); "
                           "re-run python -m gluon_imagenet.sweep_eval")
     return ema_path(ckpt)
@@ -320,7 +301,7 @@ def out_dir_for(args, name: str) -> str:
     return out
 
 
-def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size: int, preprocess: dict,
+def write_folder(folder: str, run: RunRecord, ckpt: checkpoint.Checkpoint, image_size: int, preprocess: dict,
                  provenance: dict, with_onnx: bool = False, weights_path: str | None = None) -> None:
     """Build the network, load the checkpoint's weights (`weights_path`: its EMA weights; default its .params),
     run one forward pass, export; then check the folder loads."""
@@ -331,10 +312,10 @@ def write_folder(folder: str, run: dict, ckpt: checkpoint.Checkpoint, image_size
     from gluon_imagenet.model import build_model
     from gluon_imagenet.predict import FORMAT, load
 
-    classes = run["classes"]
-    model = ckpt.record.get("model", run["model"])
-    if ckpt.record.get("classes", len(classes)) != len(classes):
-        raise ExportError(f"{ckpt.name} has {ckpt.record['classes']} classes, run.json lists {len(classes)}")
+    classes = run.classes or []
+    model = ckpt.record.model if ckpt.record.recorded("model") else run.model
+    if ckpt.record.recorded("classes") and ckpt.record.classes != len(classes):
+        raise ExportError(f"{ckpt.name} has {ckpt.record.classes} classes, run.json lists {len(classes)}")
     ctx = mx.cpu()
     net = build_model(model, len(classes))
     try:
@@ -429,35 +410,34 @@ def export(args) -> str:
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
                       crop_fraction=crop_fraction, resize=int(round(image_size / crop_fraction)),
                       interpolation="bilinear", flip=flip)
-    top5_meaningful = best_rule.top5_meaningful(len(run["classes"]))
+    top5_meaningful = best_rule.top5_meaningful(len(run.classes or []))
     accuracy = None if row is None else {k: row.get(k) for k in ("top1", "top5", "images", "image_size", "data_dir")}
     if accuracy:
         accuracy.update(crop_fraction=crop_fraction, top5_meaningful=top5_meaningful, data_root=row.get("data_root"),
                         data_identity=row.get("data_id"))
         if not top5_meaningful:
-            accuracy["top5_note"] = (f"meaningless: with {len(run['classes'])} classes top-5 is 100% for any network")
+            accuracy["top5_note"] = (f"meaningless: with {len(run.classes)} classes top-5 is 100% for any network")
     provenance = {
         "run_dir": os.path.abspath(args.run_dir), "checkpoint": name, "chosen_by": how, "step": ckpt.step,
-        "epoch": ckpt.record.get("epoch"), "final": ckpt.record.get("final"),
-        "params_sha256": ckpt.record["files"][".params"]["sha256"],
+        "epoch": ckpt.record.epoch, "final": ckpt.record.final,
+        "params_sha256": ckpt.record.params_sha256,
         "weights": weights, "eval_scale": scale, "flip": flip,
-        "weights_sha256": ckpt.record["files"][EMA_EXT if weights == "ema" else ".params"]["sha256"],
-        "ema": ckpt.record.get("ema") if weights == "ema" else None,
-        "recipe": {"name": run["recipe"].get("name"), "digest": run.get("recipe_digest"),
-                   "file": run.get("recipe_file")},
+        "weights_sha256": ckpt.record.files[EMA_EXT if weights == "ema" else ".params"]["sha256"],
+        "ema": ckpt.record.ema if weights == "ema" else None,
+        "recipe": {"name": run.recipe.get("name"), "digest": run.recipe_digest, "file": run.recipe_file},
         "sweep_accuracy": accuracy, "data_root": data_root, "data_identity": current_identity(data_root, data_dir),
-        "git_revision": run.get("git_revision"), "versions": run.get("versions"),
+        "git_revision": run.git_revision, "versions": run.versions,
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance,
                                                                 args.onnx, weights_path))
     top5 = f"{row['top5']:.2%}" if row and top5_meaningful else "n/a"
     top = f", sweep top-1 {row['top1']:.2%} top-5 {top5}" if row else ", not evaluated by a sweep"
-    print(f"{name} (step {ckpt.step}, epoch {ckpt.record.get('epoch', 0):.2f}{top}) chosen by {how}")
+    print(f"{name} (step {ckpt.step}, epoch {ckpt.record.epoch or 0:.2f}{top}) chosen by {how}")
     print(f"setting: {'EMA' if weights == 'ema' else 'raw'} weights, scale x{scale:g} ({image_size} px), "
           f"{'flip: predict averages each image and its mirror' if flip else 'no flip'}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
-          f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run['classes'])} classes")
+          f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run.classes or [])} classes")
     if args.onnx:
         from gluon_imagenet.onnx_export import OPSET, TOLERANCE
 

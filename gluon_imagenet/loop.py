@@ -63,10 +63,10 @@ class Run:
                  resume_from: checkpoint.Checkpoint | None):
         self.plan, self.learner, self.ranks, self.device, self.options = plan, learner, ranks, device, options
         self.classes = classes
-        record = resume_from.record if resume_from else {}
-        self.start_step = record.get("step", 0)
-        self.wall_before = record.get("wall_seconds", 0.0)  # accounting continues across resumes
-        self.train_seconds = record.get("train_seconds", 0.0)
+        record = resume_from.record if resume_from else checkpoint.Record()
+        self.start_step = record.step or 0
+        self.wall_before = record.wall_seconds or 0.0  # accounting continues across resumes
+        self.train_seconds = record.train_seconds or 0.0
         self.wall_start = time.time()
         self.bad_steps = 0  # consecutive steps whose loss was not finite on some rank
         self.last_good = resume_from.name if resume_from else None
@@ -189,32 +189,27 @@ class Run:
                              f"{' (' + failure + ')' if failure else ''}; the earlier checkpoints are intact "
                              f"(newest: {self.last_good or 'none'}): free space or fix the folder, then --resume")
 
-    def record(self, step: int, loss: float) -> dict:
+    def record(self, step: int, loss: float) -> checkpoint.Record:
+        """The checkpoint's record after `step` steps (checkpoint.save adds the step and the files)."""
         epoch, _ = epoch_at(self.plan, step - 1)
         phase = phase_at(self.plan, step - 1)
-        record = {"epoch": epochs_done(self.plan, step), "epoch_index": epoch, "phase": phase.index,
-                  "image_size": phase.image_size, "data_dir": phase.data_dir,
-                  "images_seen": images_at(self.plan, step), "wall_seconds": self.wall_seconds(),
-                  "train_seconds": self.train_seconds, "recipe_digest": self.plan.recipe.digest(),
-                  "world_size": self.ranks.size, "model": self.options.model, "classes": self.classes,
-                  "lr": lr_at(self.plan, step - 1), "loss": loss, "final": step == self.plan.total_steps,
-                  "amp": self.learner.amp_dtype, "recipe": self.plan.recipe.to_dict()}
-        if self.options.trained_on:  # what a resume compares (resume.check)
-            record["trained_on"] = self.options.trained_on
         ema = self.learner.ema
-        if ema:
-            record["ema"] = {"half_life_epochs": ema.half_life_epochs, "every_steps": ema.every_steps}
         scaler = self.learner.loss_scaler_state()
-        if scaler:
-            record["loss_scaler"] = scaler
-            record["loss_scale"] = scaler["loss_scale"]
-        return record
+        return checkpoint.Record(
+            epoch=epochs_done(self.plan, step), epoch_index=epoch, phase=phase.index, image_size=phase.image_size,
+            data_dir=phase.data_dir, images_seen=images_at(self.plan, step), wall_seconds=self.wall_seconds(),
+            train_seconds=self.train_seconds, recipe_digest=self.plan.recipe.digest(), world_size=self.ranks.size,
+            model=self.options.model, classes=self.classes, lr=lr_at(self.plan, step - 1), loss=loss,
+            final=step == self.plan.total_steps, amp=self.learner.amp_dtype, recipe=self.plan.recipe.to_dict(),
+            trained_on=self.options.trained_on or None,  # what a resume compares (resume.check)
+            ema={"half_life_epochs": ema.half_life_epochs, "every_steps": ema.every_steps} if ema else None,
+            loss_scaler=scaler or None, loss_scale=scaler["loss_scale"] if scaler else None)
 
 
 def restore_ema(ema, ckpt: checkpoint.Checkpoint, ranks) -> None:
     """The averages saved with the checkpoint; a checkpoint saved without them (an older trainer) starts them
     from its weights, and says so."""
-    if checkpoint.EMA_EXT in ckpt.record.get("files", {}):
+    if checkpoint.EMA_EXT in ckpt.record.files:
         ema.load(ckpt.ema_params_path)
     else:
         ranks.print(f"warning: {ckpt.name} has no {checkpoint.EMA_EXT} file: the weight EMA starts again from its "

@@ -149,13 +149,13 @@ def training_step_probe(device_spec: str, model: str, amp: bool) -> dict:
     result = {"loss": value, "finite": math.isfinite(value), "dtype": amp_dtype or "float32",
               "step_seconds": round(time.perf_counter() - start, 1)}
     with tempfile.TemporaryDirectory(prefix="doctor-checkpoint-") as folder:
-        record = {"loss_scaler": learner.loss_scaler_state()} if amp_dtype else {}
+        record = checkpoint.Record(loss_scaler=learner.loss_scaler_state() if amp_dtype else None)
         saved = checkpoint.save(folder, 2, learner.net, learner.trainer, record)
         reread, problem = checkpoint.problem(saved.json_path)
         if reread is None:
             return dict(result, checkpoint=f"the checkpoint just written does not verify: {problem}")
         fresh = make_learner(model, classes, device, amp_dtype, size, params_path=reread.params_path)
-        fresh.load_states(reread.states_path, reread.record.get("loss_scaler"))
+        fresh.load_states(reread.states_path, reread.record.loss_scaler)
         result["checkpoint"] = compare_learners(learner, fresh)
         result["compared"] = {"parameters": len(learner.net._collect_params_with_prefix()),
                               "optimizer_states": len(learner.trainer._updaters[0].states),

@@ -14,14 +14,16 @@ Exit codes: 0 written; 2 RUN_DIR is not a run folder or an argument is unusable 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
 import statistics
 import sys
 
-from gluon_imagenet.sweep_eval import SweepError, describe_target, plot_data, read_run, resolve_targets
+from gluon_imagenet import checkpoint
+from gluon_imagenet.rundir import RunDirError, RunRecord
+from gluon_imagenet.sweep_eval import SweepError, describe_target, plot_data, resolve_targets
+from gluon_imagenet.sweep_results import SweepResultsError, read_results
 
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's smoothing slider
 PHASE_COLOURS = ("#dbe9f6", "#fde8d4", "#dff2dc", "#eee1f3", "#f7f3d0")
@@ -44,30 +46,29 @@ def read_metrics(run_dir: str) -> list[dict]:
     return rows
 
 
-def newest_record(run_dir: str) -> dict:
-    """The checkpoint record with the most steps (its wall and training seconds); {} without checkpoints."""
-    best = {}
-    for path in glob.glob(os.path.join(run_dir, "ckpt-*.json")):
+def newest_record(run_dir: str) -> checkpoint.Record:
+    """The checkpoint record with the most steps (its wall and training seconds); an empty Record without
+    checkpoints."""
+    best = checkpoint.Record()
+    for _, path in checkpoint.candidates(run_dir):
         try:
-            with open(path) as f:
-                record = json.load(f)
+            record = checkpoint.read_record(path) if path else None
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and record.get("step", -1) > best.get("step", -1):
+        if record is not None and isinstance(record.step, int) and record.step > (best.step or -1):
             best = record
     return best
 
 
 def sweep_rows(run_dir: str) -> list[dict]:
-    """Every stored result, by step (plot_data picks each checkpoint's default and best setting from them)."""
-    path = os.path.join(run_dir, "sweep.json")
+    """Every stored result, by step (plot_data picks each checkpoint's default and best setting from them); none
+    when sweep.json is damaged (said so: the sweep moves it aside and evaluates again)."""
     try:
-        with open(path) as f:
-            results = json.load(f).get("results", {})
-    except (OSError, ValueError, AttributeError):
+        results = read_results(run_dir).results
+    except SweepResultsError as e:
+        print(f"warning: {e}", file=sys.stderr)
         return []
-    return sorted((r for r in results.values() if isinstance(r, dict) and r.get("checkpoint")),
-                  key=lambda r: r["step"])
+    return sorted(results.values(), key=lambda r: r["step"])
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -83,11 +84,12 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
     return out
 
 
-def phase_rates(metrics: list[dict], phases: list[dict]) -> list[float | None]:
-    """Median logged img/s of each phase, without its first log line (start-up, new input stream)."""
+def phase_rates(metrics: list[dict], phases: list) -> list[float | None]:
+    """Median logged img/s of each phase (rundir.PlannedPhase), without its first log line (start-up, new input
+    stream)."""
     rates = []
     for p in phases:
-        logged = [m["img_per_s"] for m in metrics if "img_per_s" in m and p["first_step"] <= m["step"] < p["end_step"]]
+        logged = [m["img_per_s"] for m in metrics if "img_per_s" in m and p.first_step <= m["step"] < p.end_step]
         logged = logged[1:] if len(logged) > 1 else logged
         rates.append(statistics.median(logged) if logged else None)
     return rates
@@ -101,17 +103,17 @@ def duration(seconds: float | None) -> str:
         f"{seconds // 60}:{seconds % 60:02d} min"
 
 
-def header(run: dict, record: dict, metrics: list[dict]) -> str:
-    total = run["phases"][-1]["end_step"]
-    done = record.get("step", metrics[-1]["step"] + 1 if metrics else 0)
-    amp = run.get("amp_dtype") or "off"
-    return (f"{run['recipe'].get('name', '?')}  ·  {run.get('model', '?')}  ·  "
-            f"{run.get('world_size', '?')} worker(s) on {run.get('device', '?')}  ·  AMP {amp}\n"
-            f"step {done}/{total}  ·  wall {duration(record.get('wall_seconds'))}  ·  training "
-            f"{duration(record.get('train_seconds'))}")
+def header(run: RunRecord, record: checkpoint.Record, metrics: list[dict]) -> str:
+    total = run.final_step
+    done = record.step if record.step is not None else metrics[-1]["step"] + 1 if metrics else 0
+    amp = run.amp_dtype or "off"
+    return (f"{run.recipe.get('name', '?')}  ·  {run.model or '?'}  ·  "
+            f"{run.world_size or '?'} worker(s) on {run.device or '?'}  ·  AMP {amp}\n"
+            f"step {done}/{total}  ·  wall {duration(record.wall_seconds)}  ·  training "
+            f"{duration(record.train_seconds)}")
 
 
-def draw(run_dir: str, run: dict, targets, out: str) -> None:
+def draw(run_dir: str, run: RunRecord, targets, out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +121,7 @@ def draw(run_dir: str, run: dict, targets, out: str) -> None:
     from matplotlib.ticker import PercentFormatter
 
     metrics, record, rows = read_metrics(run_dir), newest_record(run_dir), sweep_rows(run_dir)
-    phases = run["phases"]
+    phases = run.phases
     fig = plt.figure(figsize=(13, 9))
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.15], hspace=0.38, wspace=0.55)
     fig.suptitle(header(run, record, metrics), fontsize=12, y=0.985)
@@ -132,9 +134,9 @@ def draw(run_dir: str, run: dict, targets, out: str) -> None:
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss (each step)")
         ax.plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label=f"loss (smoothed {SMOOTHING:g})")
         for p in phases[1:]:
-            ax.axvline(p["first_step"], color="gray", linestyle="--", linewidth=1)
+            ax.axvline(p.first_step, color="gray", linestyle="--", linewidth=1)
         for p in phases:
-            ax.annotate(f"{p['image_size']} px", (p["first_step"], 1), xycoords=("data", "axes fraction"),
+            ax.annotate(f"{p.image_size} px", (p.first_step, 1), xycoords=("data", "axes fraction"),
                         xytext=(4, -4), textcoords="offset points", va="top", fontsize=9, color="dimgray")
         lr_ax = ax.twinx()
         lr_ax.plot(steps, [m["lr"] for m in metrics], color="tab:red", linewidth=1.5, label="learning rate")
@@ -143,7 +145,7 @@ def draw(run_dir: str, run: dict, targets, out: str) -> None:
         lr_ax.set_ylim(bottom=0)
         lines = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
         ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=9)
-        ax.set_xlim(0, phases[-1]["end_step"])
+        ax.set_xlim(0, run.final_step)
     else:
         ax.text(0.5, 0.5, "no metrics.jsonl yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
@@ -154,7 +156,7 @@ def draw(run_dir: str, run: dict, targets, out: str) -> None:
     # --- img/s per phase
     ax = fig.add_subplot(grid[0, 2])
     rates = phase_rates(metrics, phases)
-    labels = [f"phase {i + 1}\n{p['image_size']} px" for i, p in enumerate(phases)]
+    labels = [f"phase {i + 1}\n{p.image_size} px" for i, p in enumerate(phases)]
     bars = ax.bar(labels, [r or 0 for r in rates], color=[PHASE_COLOURS[i % len(PHASE_COLOURS)] for i in
                                                           range(len(phases))], edgecolor="dimgray")
     for bar, rate in zip(bars, rates):
@@ -229,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--target-top5", args.target_top5), ("--target-top1", args.target_top1)):
             if value is not None and not 0 <= value <= 1:
                 raise SweepError(f"{flag} {value:g}: must be an accuracy in [0, 1], e.g. 0.7 for 70%")
-        run = read_run(args.run_dir)
-    except SweepError as e:
+        run = RunRecord.read(args.run_dir)
+    except (SweepError, RunDirError) as e:
         print(f"error: {str(e).replace('--run-dir ', 'run folder ', 1)}", file=sys.stderr)  # the sweep's words
         return 2
     out = args.out or os.path.join(args.run_dir, "report.png")

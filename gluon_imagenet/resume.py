@@ -11,11 +11,9 @@ run.json keeps the history of recipes ("recipes": which digest trained from whic
 """
 from __future__ import annotations
 
-import json
-import os
-
 from gluon_imagenet.packed import data_identity, packed_count
 from gluon_imagenet.recipe import RecipeError, recipe_from_dict, resume_edit_problem
+from gluon_imagenet.rundir import RunRecord
 from gluon_imagenet.schedule import PlanError, make_plan
 
 
@@ -31,17 +29,6 @@ def trained_on(plan, classes: list[str], data_root: str) -> dict:
             "train_data": {d: data_identity(data_root, d, "train") for d in data_dirs}}
 
 
-def read_run_record(run_dir: str) -> dict:
-    """The run dir's run.json, or {} when it is missing or unreadable (the checkpoint records still hold the
-    facts)."""
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            run = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return run if isinstance(run, dict) else {}
-
-
 def _mapping(value) -> dict:
     return value if isinstance(value, dict) else {}
 
@@ -52,12 +39,14 @@ def _names(classes: list) -> str:
 
 
 def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str | None, data_root: str,
-          run_record: dict) -> None:
-    """Raise ResumeRefused when checkpoint `ckpt` (checkpoint.Checkpoint) cannot continue into `plan`."""
+          run_record: RunRecord | None) -> None:
+    """Raise ResumeRefused when checkpoint `ckpt` (checkpoint.Checkpoint) cannot continue into `plan`;
+    `run_record`: the run dir's run.json (None: missing or unreadable)."""
     record, name = ckpt.record, ckpt.name
-    recorded = {key: value for key, value in _mapping(record.get("trained_on")).items()
+    run_record = run_record or RunRecord()
+    recorded = {key: value for key, value in _mapping(record.trained_on).items()
                 if isinstance(value, (dict, list))}
-    trained_root = run_record.get("data_root")
+    trained_root = run_record.data_root
     other_data = (f"resume with the data root it was trained on{f' ({trained_root})' if trained_root else ''}, "
                   "or train this data in a new --run-dir")
     classes = facts["classes"]
@@ -71,8 +60,8 @@ def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str |
                                     f"{other_data}")
             raise ResumeRefused(f"{name} was trained on {len(old)} classes ({_names(old)}) and data root "
                                 f"{data_root!r} has {len(classes)} ({_names(classes)}): {other_data}")
-    elif isinstance(record.get("classes"), int) and record["classes"] != len(classes):  # records before names
-        raise ResumeRefused(f"{name} was trained on {record['classes']} classes and data root {data_root!r} has "
+    elif isinstance(record.classes, int) and record.classes != len(classes):  # records before names
+        raise ResumeRefused(f"{name} was trained on {record.classes} classes and data root {data_root!r} has "
                             f"{len(classes)}: {other_data}")
     for data_dir, count in sorted(facts["train_images"].items()):
         old = _mapping(recorded.get("train_images")).get(data_dir)
@@ -86,25 +75,25 @@ def check(ckpt, plan, facts: dict, world_size: int, model: str, amp_dtype: str |
             raise ResumeRefused(f"{name} was trained on other packed images in data dir {data_dir!r} (identity "
                                 f"{old}, data root {data_root!r} now has {identity}: packed again from other "
                                 f"images?): {other_data}")
-    if "world_size" in record and record["world_size"] != world_size:
-        raise ResumeRefused(f"{name} was trained on {record['world_size']} workers and this run has {world_size}: "
-                            f"the plan's steps depend on it; resume with -np {record['world_size']}")
-    if "model" in record and record["model"] != model:
-        raise ResumeRefused(f"{name} holds a {record['model']} network, not {model}: pass --model {record['model']}")
-    if "amp" in record and record["amp"] != amp_dtype:
-        old = record["amp"]
+    if record.recorded("world_size") and record.world_size != world_size:
+        raise ResumeRefused(f"{name} was trained on {record.world_size} workers and this run has {world_size}: "
+                            f"the plan's steps depend on it; resume with -np {record.world_size}")
+    if record.recorded("model") and record.model != model:
+        raise ResumeRefused(f"{name} holds a {record.model} network, not {model}: pass --model {record.model}")
+    if record.recorded("amp") and record.amp != amp_dtype:
+        old = record.amp
         fix = f"pass --amp on a device that runs {old}" if old else "pass --no-amp"
         raise ResumeRefused(f"{name} was trained with AMP {old or 'off'} and this run has AMP {amp_dtype or 'off'} "
                             f"(the optimizer state and loss scaler differ): {fix}")
     _check_recipe(ckpt, plan, recorded, run_record)
 
 
-def _trained_recipe(record: dict, run_record: dict):
+def _trained_recipe(record, run_record: RunRecord):
     """The recipe the checkpoint was trained with, when known: its own record's, else run.json's when that one
     has the checkpoint's digest (records written before recipes were recorded in them)."""
-    raw = record.get("recipe")
-    if not isinstance(raw, dict) and run_record.get("recipe_digest") == record.get("recipe_digest"):
-        raw = run_record.get("recipe")
+    raw = record.recipe
+    if not isinstance(raw, dict) and run_record.recipe_digest == record.recipe_digest:
+        raw = run_record.recipe
     if not isinstance(raw, dict):
         return None
     try:
@@ -113,18 +102,18 @@ def _trained_recipe(record: dict, run_record: dict):
         return None
 
 
-def _check_recipe(ckpt, plan, recorded: dict, run_record: dict) -> None:
+def _check_recipe(ckpt, plan, recorded: dict, run_record: RunRecord) -> None:
     record, name, step, new = ckpt.record, ckpt.name, ckpt.step, plan.recipe
     trained = _trained_recipe(record, run_record)
     if trained is None:
-        if record.get("recipe_digest", new.digest()) != new.digest():
-            raise ResumeRefused(f"{name} was trained with another recipe (digest {record.get('recipe_digest')}, "
+        if (record.recipe_digest if record.recorded("recipe_digest") else new.digest()) != new.digest():
+            raise ResumeRefused(f"{name} was trained with another recipe (digest {record.recipe_digest}, "
                                 f"this one {new.digest()}): resume with the run's recipe (see run.json)")
         trained = new
-    images = next(iter(_mapping(recorded.get("train_images")).values()), None) or run_record.get("train_images") \
+    images = next(iter(_mapping(recorded.get("train_images")).values()), None) or run_record.train_images \
         or plan.train_images
     try:
-        before = make_plan(trained, images, record.get("world_size", plan.workers))
+        before = make_plan(trained, images, record.world_size if record.recorded("world_size") else plan.workers)
     except PlanError as e:
         raise ResumeRefused(f"{name}: the plan it was trained on cannot be made again ({e})") from None
     # A phase has started once the checkpoint holds one of its steps: the phase that begins at the checkpoint's
@@ -149,21 +138,21 @@ def _check_recipe(ckpt, plan, recorded: dict, run_record: dict) -> None:
                             f"step {step} is inside it: {fix}")
 
 
-def recipe_history(run_record: dict, ckpt, plan) -> list[dict]:
+def recipe_history(run_record: RunRecord | None, ckpt, plan) -> list[dict]:
     """run.json's "recipes" for a run continuing from `ckpt` (None: from step 0) with `plan`'s recipe: which
     recipe (digest) trained from which step on. Entries from the checkpoint's step on are dropped (those steps are
     trained again); a changed recipe adds an entry from that step."""
     step = ckpt.step if ckpt else 0
-    history = run_record.get("recipes")
+    run_record = run_record or RunRecord()
+    history = run_record.recipes
     if not isinstance(history, list) or not all(
             isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("from_step"), int)
             for e in history):
         history = []
-        if run_record.get("recipe_digest"):
-            history = [{"digest": run_record["recipe_digest"], "recipe": run_record.get("recipe"), "from_step": 0}]
-        elif ckpt is not None and ckpt.record.get("recipe_digest"):
-            history = [{"digest": ckpt.record["recipe_digest"], "recipe": ckpt.record.get("recipe"),
-                        "from_step": 0}]
+        if run_record.recipe_digest:
+            history = [{"digest": run_record.recipe_digest, "recipe": run_record.recipe, "from_step": 0}]
+        elif ckpt is not None and ckpt.record.recipe_digest:
+            history = [{"digest": ckpt.record.recipe_digest, "recipe": ckpt.record.recipe, "from_step": 0}]
     kept = [e for e in history if step and e["from_step"] < step]
     digest = plan.recipe.digest()
     if not kept or kept[-1]["digest"] != digest:

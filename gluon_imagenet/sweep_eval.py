@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import queue
@@ -48,9 +47,10 @@ import time
 
 from gluon_imagenet import best, checkpoint, locks, packed, retention, stops
 from gluon_imagenet.devices import Device, decode_threads, usable_cpus
-from gluon_imagenet.eval_settings import (EMA_EXT, WEIGHTS, SettingsError, describe_setting, ema_problem, is_default,
-                                          parse_scales, setting_of, weights_for)
+from gluon_imagenet.eval_settings import (DEFAULT_CROP_FRACTION, EMA_EXT, WEIGHTS, SettingsError, describe_setting,
+                                          ema_problem, is_default, parse_scales, setting_of, weights_for)
 from gluon_imagenet.packed import holds, packed_short_side, read_meta
+from gluon_imagenet.rundir import TRAIN_LOCK, RunDirError, RunRecord
 from gluon_imagenet.sweep_jobs import Job, count_hits, count_hits_per_flip, flip_averaged  # noqa: F401
 from gluon_imagenet.sweep_results import REQUIRED_FIELDS, RESULT_FIELDS, ResultStore  # noqa: F401
 from gluon_imagenet.sweep_report import (SEED_TARGET_TOP1, SEED_TARGET_TOP5, best_row, describe_target,  # noqa: F401
@@ -82,8 +82,8 @@ def parse_args(argv):
                    "image and its horizontal mirror (one more forward pass of the same decoded batch)")
     p.add_argument("--weights", choices=WEIGHTS, help="raw (.params), ema (the EMA weights saved beside it) or both "
                    "(default: both when a checkpoint has EMA weights, else raw)")
-    p.add_argument("--crop-fraction", type=float, default=0.875,
-                   help="center crop / resized short side, in (0, 1] (default: 0.875)")
+    p.add_argument("--crop-fraction", type=float, default=DEFAULT_CROP_FRACTION,
+                   help=f"center crop / resized short side, in (0, 1] (default: {DEFAULT_CROP_FRACTION:g})")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--every", type=int, default=1, help="every K-th checkpoint")
     p.add_argument("--from-epoch", type=float, default=0.0, help="only checkpoints at or after this epoch")
@@ -109,7 +109,8 @@ def check_args(args) -> None:
          "a crop size in pixels, >= 1"),
         ("--eval-scale", args.eval_scale, args.eval_scale is not None and not args.eval_scale > 0,
          "a factor > 0 (1 = the checkpoint's own size)"),
-        ("--crop-fraction", args.crop_fraction, not 0 < args.crop_fraction <= 1, "in (0, 1], e.g. 0.875"),
+        ("--crop-fraction", args.crop_fraction, not 0 < args.crop_fraction <= 1,
+         f"in (0, 1], e.g. {DEFAULT_CROP_FRACTION:g}"),
         ("--batch-size", args.batch_size, args.batch_size < 1, "a whole number >= 1"),
         ("--every", args.every, args.every < 1, "a whole number >= 1 (1 = every checkpoint)"),
         ("--last", args.last, args.last is not None and args.last < 1,
@@ -134,74 +135,27 @@ def check_args(args) -> None:
     args.eval_scale = args.scales[0]  # the setting the TensorBoard run is named after and shows
 
 
-def read_run(run_dir: str) -> dict:
-    """run.json, checked for what the sweep reads from it; any problem is one line."""
-    if not os.path.isdir(run_dir):
-        raise SweepError(f"--run-dir {run_dir!r} does not exist")
-    path = os.path.join(run_dir, "run.json")
-    if not os.path.isfile(path):
-        raise SweepError(f"{path!r} does not exist: not a run folder written by gluon_imagenet.train")
-    try:
-        with open(path) as f:
-            run = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SweepError(f"{path} is damaged (not JSON: {e}); gluon_imagenet.train rewrites it on --resume") from None
-    recipe = run.get("recipe") if isinstance(run, dict) else None
-    phases = run.get("phases") if isinstance(run, dict) else None
-    problem = ""
-    if not isinstance(run, dict):
-        problem = f"holds a {type(run).__name__}, not an object"
-    elif not isinstance(recipe, dict) or not isinstance(recipe.get("phases"), list) or not recipe["phases"]:
-        problem = "has no recipe with phases"
-    elif not isinstance(phases, list) or not phases or not all(
-            isinstance(p, dict) and isinstance(p.get("first_step"), int) and isinstance(p.get("end_step"), int)
-            and isinstance(p.get("image_size"), int) and isinstance(p.get("data_dir"), str) for p in phases):
-        problem = "has no plan (phases with first_step, end_step, image_size, data_dir)"
-    elif not all(isinstance(p, dict) and isinstance(p.get("epochs"), list) and len(p["epochs"]) == 2
-                 for p in recipe["phases"]):
-        problem = "has a recipe phase without epochs [start, end]"
-    if problem:
-        raise SweepError(f"{path} {problem}: not a run.json written by gluon_imagenet.train")
-    return run
-
-
-def last_epoch(run: dict) -> float:
-    return float(run["recipe"]["phases"][-1]["epochs"][1])
-
-
-def final_step(run: dict) -> int:
-    return int(run["phases"][-1]["end_step"])
-
-
-def check_from_epoch(args, run: dict) -> None:
-    if args.from_epoch > last_epoch(run):
-        raise SweepError(f"--from-epoch {args.from_epoch:g}: the recipe ends at epoch {last_epoch(run):g}, so no "
-                         f"checkpoint would ever be selected; use an epoch in [0, {last_epoch(run):g}]")
+def check_from_epoch(args, run: RunRecord) -> None:
+    if args.from_epoch > run.last_epoch:
+        raise SweepError(f"--from-epoch {args.from_epoch:g}: the recipe ends at epoch {run.last_epoch:g}, so no "
+                         f"checkpoint would ever be selected; use an epoch in [0, {run.last_epoch:g}]")
 
 
 def round8(size: float) -> int:
     return max(8, int(round(size / 8)) * 8)
 
 
-def eval_size(args, run: dict, record: dict, scale: float | None = None) -> tuple[int, str]:
+def eval_size(args, run: RunRecord, trained, scale: float | None = None) -> tuple[int, str]:
     """(crop size, preferred packed data dir) for one checkpoint under the chosen size policy, times `scale`
-    (default: the first of --eval-scales)."""
+    (default: the first of --eval-scales). `trained`: what the checkpoint was trained at, its record
+    (checkpoint.Record) or its phase in run.json (rundir.PlannedPhase): both have image_size and data_dir."""
     scale = args.scales[0] if scale is None else scale
     if args.size_policy == "fixed":
-        recipe = run_recipe(run)  # the recipe's own rule for its evaluation defaults
-        base, preferred = args.image_size or recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir
+        size, preferred = run.evaluation_defaults()  # resolved when run.json was written
+        base = args.image_size or size
     else:
-        base, preferred = record["image_size"], record["data_dir"]
+        base, preferred = trained.image_size, trained.data_dir
     return (base if scale == 1 else round8(base * scale)), preferred
-
-
-def run_recipe(run: dict):
-    from gluon_imagenet.recipe import RecipeError, recipe_from_dict
-
-    try:
-        return recipe_from_dict(run["recipe"], source="run.json's recipe")
-    except RecipeError as e:
-        raise SweepError(str(e)) from None
 
 
 def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float) -> str:
@@ -228,15 +182,15 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
                      "tools/im2rec_multi.py --sizes")
 
 
-def check_phase_data(args, run: dict, data_root: str) -> None:
+def check_phase_data(args, run: RunRecord, data_root: str) -> None:
     """--watch: every phase's validation data exists before the first checkpoint of it is written."""
-    for phase in run["phases"]:
+    for phase in run.phases:
         for scale in args.scales:
             size, preferred = eval_size(args, run, phase, scale)
             data_dir_for(data_root, size, preferred, args.crop_fraction)
 
 
-def check_classes(run: dict, data_root: str) -> None:
+def check_classes(run: RunRecord, data_root: str) -> None:
     """The data root's classes are the run's, in the same order: a network scored against other labels gives
     numbers that look like accuracy and mean nothing."""
     try:
@@ -245,7 +199,7 @@ def check_classes(run: dict, data_root: str) -> None:
         print(f"warning: {os.path.join(data_root, 'classes.txt')} does not exist (not packed by im2rec_multi): "
               "cannot check that its classes are the run's", file=sys.stderr)
         return
-    mine = list(run.get("classes") or [])
+    mine = list(run.classes or [])
     if theirs == mine:
         return
     differ = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
@@ -255,7 +209,7 @@ def check_classes(run: dict, data_root: str) -> None:
 
     raise SweepError(f"data root {data_root!r} holds {len(theirs)} classes, the run trained on {len(mine)} (run.json); "
                      f"class {differ} is {at(theirs)} there and {at(mine)} in the run: pass the --data-root the run "
-                     f"was trained on ({run.get('data_root') or 'see run.json'}) or one packed from the same class "
+                     f"was trained on ({run.data_root or 'see run.json'}) or one packed from the same class "
                      "folders")
 
 
@@ -319,11 +273,11 @@ class Verifier:
 
 
 def select(args, good: list) -> list:
-    selected = [c for c in good if c.record.get("epoch", 0) >= args.from_epoch][:: args.every]
+    selected = [c for c in good if (c.record.epoch or 0) >= args.from_epoch][:: args.every]
     return selected[-args.last:] if args.last else selected
 
 
-def plan_jobs(args, run: dict, data_root: str, verifier: Verifier | None = None):
+def plan_jobs(args, run: RunRecord, data_root: str, verifier: Verifier | None = None):
     """(jobs for the selected checkpoints, [(name, problem)] for damaged ones, every intact checkpoint)."""
     verifier = verifier or Verifier(args.run_dir)
     good, bad = verifier.scan()
@@ -346,8 +300,9 @@ def plan_jobs(args, run: dict, data_root: str, verifier: Verifier | None = None)
         for size, (scale, preferred) in sizes.items():
             data_dir = data_dir_for(data_root, size, preferred, args.crop_fraction)
             for w in weights:
-                jobs.append(Job(c.name, c.params_path, c.record.get("model", run.get("model")),
-                                c.record.get("classes", len(run.get("classes", []))), size, data_dir, c.record,
+                classes = c.record.classes if c.record.recorded("classes") else len(run.classes or [])
+                jobs.append(Job(c.name, c.params_path, c.record.model if c.record.recorded("model") else run.model,
+                                classes, size, data_dir, c.record,
                                 args.crop_fraction, args.batch_size, root, data_identity(data_root, data_dir),
                                 scale, flips, w))
     return jobs, bad, good
@@ -426,8 +381,8 @@ class Evaluator:
             if images != total:
                 raise RuntimeError(f"evaluated {images} validation images of {total} in {job.data_dir}")
             rows.append((job.key_for(flip), {
-                "checkpoint": job.checkpoint, "step": r["step"], "epoch": round(r["epoch"], 4),
-                "train_seconds": round(r["train_seconds"], 2), "wall_seconds": round(r["wall_seconds"], 2),
+                "checkpoint": job.checkpoint, "step": r.step, "epoch": round(r.epoch, 4),
+                "train_seconds": round(r.train_seconds, 2), "wall_seconds": round(r.wall_seconds, 2),
                 "image_size": job.image_size, "data_dir": job.data_dir, "crop_fraction": job.crop_fraction,
                 "batch_size": job.batch_size, "data_root": job.data_root, "data_id": job.data_id,
                 "eval_scale": job.eval_scale, "flip": flip, "weights": job.weights, "ema_sha256": job.ema_sha256,
@@ -546,13 +501,13 @@ def accuracies(row: dict, top5_meaningful: bool) -> str:
     return f"top-1 {row['top1']:.2%}, top-5 {top5}"
 
 
-def report(args, run: dict, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
+def report(args, run: RunRecord, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
     """The table (per checkpoint: the default setting and the best one), the time to the targets of both, the
     best result, sweep.png."""
     rows = store.rows(k for j in jobs for k in j.keys)
     if not rows:
         return
-    top5_meaningful = best.top5_meaningful(len(run["classes"]))
+    top5_meaningful = best.top5_meaningful(len(run.classes or []))
     metric = ranking_metric(*targets)
     print(format_table(rows, top5_meaningful, metric))
     wanted = describe_target(*targets)
@@ -589,7 +544,7 @@ def report(args, run: dict, store: ResultStore, jobs: list[Job], targets: tuple)
 class Sweep:
     """One sweep's state across --watch polls: what was verified, evaluated, failed and already said."""
 
-    def __init__(self, args, run: dict, data_root: str, devices: list[Device]):
+    def __init__(self, args, run: RunRecord, data_root: str, devices: list[Device]):
         self.args, self.run, self.data_root, self.devices = args, run, data_root, devices
         self.verifier = Verifier(args.run_dir)
         self.store: ResultStore | None = None
@@ -619,7 +574,7 @@ class Sweep:
                     continue  # being saved or being pruned: the next look tells which
                 why = "no .json record yet: the running trainer is saving it or pruning it"
             self.say_once(f"skipping {name}: {why}", file=sys.stderr)
-        self.store.current = {c.name: c.record["files"][".params"]["sha256"] for c in self.good}
+        self.store.current = {c.name: c.record.params_sha256 for c in self.good}
         self.store.existing = {name for name, _ in checkpoint.candidates(self.args.run_dir)}
         gone = self.store.drop_gone()
         if gone:
@@ -647,7 +602,7 @@ class Sweep:
     def watch_end(self, trainer: dict | None) -> str:
         """Why --watch stops now, or "" to keep waiting. `trainer` is the train.lock holder seen before the
         last scan, so a final checkpoint written before the trainer exited has been seen."""
-        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, final_step(self.run)))
+        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, self.run.final_step))
         if name in {c.name for c in self.good}:
             job = next((j for j in self.jobs if j.checkpoint == name), None)
             if job is None:
@@ -659,13 +614,13 @@ class Sweep:
         if name in self.bad and not (trainer is not None and self.bad[name].startswith("partial")):
             return f"the final checkpoint {name} is damaged ({self.bad[name]})"
         if trainer is None:
-            return (f"training is not running (no process holds {os.path.join(self.args.run_dir, 'train.lock')}) "
-                    f"and the final checkpoint {name} (step {final_step(self.run)}) is missing: resume the training "
+            return (f"training is not running (no process holds {os.path.join(self.args.run_dir, TRAIN_LOCK)}) "
+                    f"and the final checkpoint {name} (step {self.run.final_step}) is missing: resume the training "
                     "run, then sweep again")
         return ""
 
     def waiting_for(self, trainer: dict) -> str:
-        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, final_step(self.run)))
+        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, self.run.final_step))
         newest = self.good[-1].name if self.good else "none yet"
         return (f"waiting for the final checkpoint {name} (newest intact: {newest}); training is running (pid "
                 f"{trainer.get('pid', '?')} on {trainer.get('host', '?')}); looking again every "
@@ -673,7 +628,7 @@ class Sweep:
 
 
 def trainer_holding(run_dir: str) -> dict | None:
-    return locks.holder(os.path.join(run_dir, "train.lock"))
+    return locks.holder(os.path.join(run_dir, TRAIN_LOCK))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -692,13 +647,13 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_main(args) -> int:
     try:
         check_args(args)
-        run = read_run(args.run_dir)
+        run = RunRecord.read(args.run_dir)
         check_from_epoch(args, run)
-        data_root = args.data_root or run.get("data_root") or "recordio"
+        data_root = args.data_root or run.data_root or "recordio"
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
         check_classes(run, data_root)
-        targets = targets_for(args, len(run.get("classes") or []))
+        targets = targets_for(args, len(run.classes or []))
         devices = check_devices(args)
         if not checkpoint.exists_any(args.run_dir) and not args.watch:
             raise SweepError(f"no checkpoints in {args.run_dir!r}")
@@ -707,7 +662,7 @@ def sweep_main(args) -> int:
         sweep = Sweep(args, run, data_root, devices)
         trainer = sweep.trainer = trainer_holding(args.run_dir)  # before the scan: see Sweep.watch_end
         sweep.plan()  # every selected checkpoint has its validation data
-    except SweepError as e:
+    except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
@@ -729,7 +684,7 @@ def sweep_main(args) -> int:
         trainer = sweep.trainer = trainer_holding(args.run_dir)
         try:
             sweep.plan()
-        except SweepError as e:
+        except (SweepError, RunDirError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         sweep.evaluate()

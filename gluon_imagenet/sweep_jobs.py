@@ -20,7 +20,7 @@ class Job:
     classes: int
     image_size: int
     data_dir: str
-    record: dict
+    record: object  # checkpoint.Record (not imported: the worker's module stays light)
     crop_fraction: float
     batch_size: int
     data_root: str  # absolute
@@ -31,11 +31,11 @@ class Job:
 
     @property
     def params_sha256(self) -> str:
-        return self.record.get("files", {}).get(".params", {}).get("sha256", "")
+        return self.record.params_sha256 or ""
 
     @property
     def ema_sha256(self) -> str | None:
-        return self.record.get("files", {}).get(EMA_EXT, {}).get("sha256") if self.weights == "ema" else None
+        return (self.record.files.get(EMA_EXT) or {}).get("sha256") if self.weights == "ema" else None
 
     @property
     def weights_path(self) -> str:

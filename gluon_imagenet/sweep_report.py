@@ -90,11 +90,11 @@ def _minutes_at(step: int, points: list[tuple[int, float]]) -> float | None:
     return None
 
 
-def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | None], title: str = "",
+def plot_data(rows: list[dict], run, targets: tuple[float | None, float | None], title: str = "",
               top5_meaningful: bool = True) -> dict:
     """Everything sweep.png shows, as numbers: accuracy against training minutes, where each phase starts (in
     minutes, interpolated between the checkpoints around its first step) and its image size, the target lines,
-    and the first checkpoint reaching the targets."""
+    and the first checkpoint reaching the targets. `run`: run.json (rundir.RunRecord)."""
     every = sorted(rows, key=lambda r: r["step"])
     metric = ranking_metric(*targets)
     entries = per_checkpoint(every, metric)
@@ -105,9 +105,9 @@ def plot_data(rows: list[dict], run: dict, targets: tuple[float | None, float | 
     best_rows = [e["best"] for e in entries]
     points = [(0, 0.0)] + [(r["step"], float(r["train_seconds"])) for r in best_rows]
     phases = []
-    for i, p in enumerate(run["phases"]):
-        minutes = 0.0 if i == 0 else _minutes_at(p["first_step"], points)
-        phases.append({"first_step": p["first_step"], "image_size": p["image_size"], "label": f"{p['image_size']} px",
+    for i, p in enumerate(run.phases):
+        minutes = 0.0 if i == 0 else _minutes_at(p.first_step, points)
+        phases.append({"first_step": p.first_step, "image_size": p.image_size, "label": f"{p.image_size} px",
                        "minutes": None if minutes is None else round(minutes, 4)})
     target_top5, target_top1 = targets
     lines = [{"metric": m, "value": v, "label": f"target {name} {v:.1%}"}

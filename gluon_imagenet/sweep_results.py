@@ -1,4 +1,8 @@
-"""The sweep's result store: RUN_DIR/sweep.json (every result, keyed by checkpoint and settings) and sweep.csv."""
+"""The sweep's result store: RUN_DIR/sweep.json (every result, keyed by checkpoint and settings) and sweep.csv.
+
+The one reader and writer of sweep.json: the sweep writes it through ResultStore, export and report read it
+through read_results (checked the same way: a wrong-shaped file is one SweepResultsError line).
+"""
 from __future__ import annotations
 
 import csv
@@ -6,9 +10,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from gluon_imagenet import best, locks
 from gluon_imagenet.files import atomic_open
+
+SWEEP_JSON = "sweep.json"
+SWEEP_CSV = "sweep.csv"
+SWEEP_LOCK = "sweep.lock"
 
 RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir",
                  "crop_fraction", "batch_size", "eval_scale", "flip", "weights", "top1", "top5", "images",
@@ -16,6 +25,51 @@ RESULT_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds",
 # What every stored result must hold to be reported (a row without them makes sweep.json damaged).
 REQUIRED_FIELDS = ("checkpoint", "step", "epoch", "train_seconds", "wall_seconds", "image_size", "data_dir", "top1",
                    "top5", "images")
+
+
+# The kind of each required field: a row read back must sort, compare and format as the sweep's own rows do.
+FIELD_KINDS = {"checkpoint": str, "step": int, "epoch": (int, float), "train_seconds": (int, float),
+               "wall_seconds": (int, float), "image_size": int, "data_dir": str, "top1": (int, float),
+               "top5": (int, float), "images": int}
+_KIND_NAMES = {str: "a string", int: "a whole number", (int, float): "a number"}
+
+
+class SweepResultsError(Exception):
+    """sweep.json is unreadable or not the shape the sweep writes; the message names the file, what is wrong
+    and the fix."""
+
+
+@dataclass(frozen=True)
+class SweepResults:
+    """sweep.json as read: every result by key, and the metric the last report ranked by (None: not recorded)."""
+    results: dict
+    ranked_by: str | None
+
+
+def read_results(run_dir: str) -> SweepResults:
+    """RUN_DIR/sweep.json, checked (read only: nothing is moved or written); no results before any sweep."""
+    path = os.path.join(run_dir, SWEEP_JSON)
+    if not os.path.isfile(path):
+        return SweepResults({}, None)
+    try:
+        return _parsed(path)
+    except (OSError, ValueError) as e:
+        raise SweepResultsError(f"{path!r} is damaged ({e}): re-run python -m gluon_imagenet.sweep_eval, which "
+                                "moves it aside and evaluates again") from None
+
+
+def _parsed(path: str) -> SweepResults:
+    """ValueError naming what is wrong when the file is not JSON or not the sweep's shape."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from None
+    problem = ResultStore.shape_problem(data)
+    if problem:
+        raise ValueError(problem)
+    ranked_by = data.get("ranked_by")
+    return SweepResults(data["results"], ranked_by if ranked_by in best.METRICS else None)
 
 
 class ResultStore:
@@ -30,9 +84,9 @@ class ResultStore:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        self.json_path = os.path.join(run_dir, "sweep.json")
-        self.csv_path = os.path.join(run_dir, "sweep.csv")
-        self.lock_path = os.path.join(run_dir, "sweep.lock")
+        self.json_path = os.path.join(run_dir, SWEEP_JSON)
+        self.csv_path = os.path.join(run_dir, SWEEP_CSV)
+        self.lock_path = os.path.join(run_dir, SWEEP_LOCK)
         self.mine: dict[str, dict] = {}  # results this process evaluated
         self.results: dict[str, dict] = {}  # everything known: sweep.json as last read, plus mine
         self.current: dict[str, str] = {}  # checkpoint name -> its .params sha256, as now in the run dir
@@ -104,15 +158,12 @@ class ResultStore:
         if not os.path.isfile(self.json_path):
             return {}
         try:
-            with open(self.json_path) as f:
-                data = json.load(f)
-            problem = self.shape_problem(data)
+            read = _parsed(self.json_path)
         except ValueError as e:
-            problem = f"not JSON ({e})"
-        if not problem:
-            on_disk = data.get("ranked_by")
-            self._ranked_by_on_disk = on_disk if on_disk in best.METRICS else None
-            return data["results"]
+            problem = str(e)
+        else:
+            self._ranked_by_on_disk = read.ranked_by
+            return read.results
         aside = f"{self.json_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(self.json_path, aside)
         print(f"warning: {self.json_path} is damaged ({problem}); moved it to {aside} and evaluating those "
@@ -121,6 +172,8 @@ class ResultStore:
 
     @staticmethod
     def shape_problem(data) -> str:
+        """'' when `data` is what the sweep writes, else what is wrong: a result's reported fields must be there
+        and of their kind, or the table, plot and export --best fail on it later."""
         if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
             return "expected an object with a 'results' object"
         for key, row in data["results"].items():
@@ -129,6 +182,9 @@ class ResultStore:
             missing = [f for f in REQUIRED_FIELDS if f not in row]
             if missing:
                 return f"result {key!r} lacks {', '.join(missing)}"
+            for name, kinds in FIELD_KINDS.items():
+                if isinstance(row[name], bool) or not isinstance(row[name], kinds):
+                    return f"result {key!r} has {name} {row[name]!r}, not {_KIND_NAMES[kinds]}"
         return ""
 
     def rows(self, keys) -> list[dict]:

@@ -118,12 +118,9 @@ class TrainingBoard:
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-def sweep_logdir(run: dict, run_dir: str) -> str | None:
-    """The trainer's tensorboard folder, from run.json (None: the run was trained with --no-tensorboard)."""
-    args = run.get("args") or {}
-    if args.get("no_tensorboard"):
-        return None
-    return args.get("tensorboard") or os.path.join(run_dir, "tensorboard")
+def sweep_logdir(run, run_dir: str) -> str | None:
+    """The trainer's tensorboard folder, from run.json (rundir.RunRecord; None: trained with --no-tensorboard)."""
+    return run.tensorboard_dir(run_dir)
 
 
 def sweep_setting(args) -> str:
@@ -167,7 +164,7 @@ class SweepBoard:
         events.flush()
 
 
-def open_sweep_board(run: dict, run_dir: str, args) -> SweepBoard | None:
+def open_sweep_board(run, run_dir: str, args) -> SweepBoard | None:
     logdir = sweep_logdir(run, run_dir)
     return SweepBoard(logdir, sweep_setting(args)) if logdir else None
 

@@ -28,21 +28,17 @@ read, so that MXNet's environment can be set first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from gluon_imagenet import checkpoint, locks, resume, stops
-from gluon_imagenet.files import atomic_open, make_writable_dir
+from gluon_imagenet import checkpoint, locks, resume, rundir, stops
+from gluon_imagenet.files import make_writable_dir
 from gluon_imagenet.names import MODELS
 from gluon_imagenet.packed import DEFAULT_DATA_ROOT, PACK_LOCK
 from gluon_imagenet.recipe import LR_SCALING_RULES, RecipeError, load_recipe
-
-LOCK_NAME = "train.lock"  # in the run dir, held by rank 0 for the whole run (the sweep's --watch asks it)
-
 
 class SetupError(Exception):
     """Something to fix before training can start."""
@@ -72,7 +68,8 @@ def parse_args(argv):
                    help="stop after this many consecutive non-finite losses (default: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensorboard", metavar="DIR",
-                   help="folder for TensorBoard event files, written by rank 0 (default: RUN_DIR/tensorboard)")
+                   help="folder for TensorBoard event files, written by rank 0 (default: "
+                        f"RUN_DIR/{rundir.TENSORBOARD_DIR})")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
     p.add_argument("--synthetic", action="store_true", help="measure compute img/s per phase on random data")
     p.add_argument("--io-only", action="store_true", help="measure input img/s per phase, no model")
@@ -179,12 +176,11 @@ def choose_checkpoint(args, setup: Setup, ranks) -> checkpoint.Checkpoint | None
     record = chosen.record
     try:
         resume.check(chosen, setup.plan, run_facts(args, setup), ranks.size, args.model, setup.amp_dtype,
-                     args.data_root, resume.read_run_record(args.run_dir))
+                     args.data_root, rundir.RunRecord.read_if_any(args.run_dir))
     except resume.ResumeRefused as e:
         raise SetupError(str(e)) from None
-    scale = f", loss scale {record['loss_scaler']['loss_scale']:g}" if setup.amp_dtype and "loss_scaler" in record \
-        else ""
-    ranks.print(f"resuming from {chosen.name}: step {step}, epoch {record['epoch']:.3f}{scale}")
+    scale = f", loss scale {record.loss_scaler['loss_scale']:g}" if setup.amp_dtype and record.loss_scaler else ""
+    ranks.print(f"resuming from {chosen.name}: step {step}, epoch {record.epoch:.3f}{scale}")
     return chosen
 
 
@@ -209,18 +205,20 @@ def write_run_json(args, setup: Setup, ranks, environment: dict, resume_from=Non
             versions[module] = __import__(module).__version__
         except ImportError:
             versions[module] = None
-    info = {"recipe": plan.recipe.to_dict(), "recipe_file": args.recipe, "recipe_digest": plan.recipe.digest(),
-            "command": sys.argv, "args": vars(args), "versions": versions, "git_revision": revision,
-            "world_size": ranks.size, "device": str(setup.device), "amp": setup.amp_dtype is not None,
-            "amp_dtype": setup.amp_dtype, "model": args.model, "classes": setup.classes,
-            "train_images": plan.train_images, "lr_scale": plan.lr_scale, "lr_scaling": plan.lr_scaling,
-            "data_root": os.path.abspath(args.data_root), "environment": environment,
-            "phases": [{"first_step": p.first_step, "end_step": p.end_step, "steps_per_epoch": p.steps_per_epoch,
-                        "image_size": p.image_size, "data_dir": p.data_dir} for p in plan.phases],
-            "trained_on": run_facts(args, setup),
-            "recipes": resume.recipe_history(resume.read_run_record(args.run_dir), resume_from, plan)}
-    with atomic_open(os.path.join(args.run_dir, "run.json")) as f:
-        json.dump(info, f, indent=1)
+    recipe = plan.recipe
+    rundir.RunRecord(
+        recipe=recipe.to_dict(), recipe_file=args.recipe, recipe_digest=recipe.digest(), command=sys.argv,
+        args=vars(args), versions=versions, git_revision=revision, world_size=ranks.size, device=str(setup.device),
+        amp=setup.amp_dtype is not None, amp_dtype=setup.amp_dtype, model=args.model, classes=setup.classes,
+        train_images=plan.train_images, lr_scale=plan.lr_scale, lr_scaling=plan.lr_scaling,
+        data_root=os.path.abspath(args.data_root), environment=environment,
+        phases=[rundir.PlannedPhase(p.first_step, p.end_step, p.steps_per_epoch, p.image_size, p.data_dir)
+                for p in plan.phases],
+        trained_on=run_facts(args, setup),
+        recipes=resume.recipe_history(rundir.RunRecord.read_if_any(args.run_dir), resume_from, plan),
+        # Resolved here, once: the sweep and export read them instead of re-applying the recipe's rule.
+        eval_image_size=recipe.resolved_eval_image_size, eval_data_dir=recipe.resolved_eval_data_dir,
+    ).write(args.run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,12 +332,12 @@ def _main(argv: list[str] | None) -> int:
                           first_image_size=plan.phases[0].phase.image_size, amp_dtype=setup.amp_dtype,
                           params_path=resume_from.params_path if resume_from else None)
         if resume_from:
-            learner.load_states(resume_from.states_path, resume_from.record.get("loss_scaler"))
+            learner.load_states(resume_from.states_path, resume_from.record.loss_scaler)
         options = RunOptions(args.run_dir, args.data_root, args.model, args.seed, setup.threads, args.log_every,
                              args.nan_patience, args.save_every_steps, args.keep_mid_epoch,
                              trained_on=run_facts(args, setup),
-                             tensorboard_dir=None if args.no_tensorboard else args.tensorboard or os.path.join(
-                                 args.run_dir, "tensorboard"))
+                             tensorboard_dir=rundir.tensorboard_dir(args.run_dir, args.tensorboard,
+                                                                    args.no_tensorboard))
         try:
             Run(plan, learner, ranks, setup.device, options, len(setup.classes), resume_from).train()
         except (Diverged, SaveFailed) as e:
@@ -370,7 +368,7 @@ def _run_lock(args, ranks):
         def __enter__(self):
             try:
                 check_run_dir(args.run_dir, args.resume)
-                self.held = locks.hold(os.path.join(args.run_dir, LOCK_NAME), f"run dir {args.run_dir!r}")
+                self.held = locks.hold(os.path.join(args.run_dir, rundir.TRAIN_LOCK), f"run dir {args.run_dir!r}")
                 self.held.__enter__()
             except (SetupError, locks.Busy) as e:
                 self.held = None

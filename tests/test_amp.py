@@ -48,11 +48,12 @@ for _ in range(3):
 scaler = first.trainer._amp_loss_scaler
 # A state no fresh scaler has: a halved scale, a pending change and a count towards the next doubling.
 scaler._loss_scale, scaler._next_loss_scale, scaler._unskipped = 1024.0, 512.0, 7
-saved = checkpoint.save(sys.argv[1], 3, first.net, first.trainer, {"loss_scaler": first.loss_scaler_state()})
+saved = checkpoint.save(sys.argv[1], 3, first.net, first.trainer,
+                        checkpoint.Record(loss_scaler=first.loss_scaler_state()))
 second = learner(params_path=saved.params_path)
 fresh = second.loss_scaler_state()
-second.load_states(saved.states_path, saved.record["loss_scaler"])
-print(json.dumps({"saved": saved.record["loss_scaler"], "fresh": fresh, "restored": second.loss_scaler_state()}))
+second.load_states(saved.states_path, saved.record.loss_scaler)
+print(json.dumps({"saved": saved.record.loss_scaler, "fresh": fresh, "restored": second.loss_scaler_state()}))
 """
 
 
@@ -92,13 +93,13 @@ def test_amp_run_killed_and_resumed_under_horovod(packed_root, tmp_path):
     proc.wait(timeout=60)
     good, _ = checkpoint.scan(run_dir)
     newest = good[-1]
-    assert 20 <= newest.step < 31 and not newest.record["final"], [c.step for c in good]
-    assert newest.record["amp"] == "bfloat16" and set(newest.record["loss_scaler"]) == {
+    assert 20 <= newest.step < 31 and not newest.record.final, [c.step for c in good]
+    assert newest.record.amp == "bfloat16" and set(newest.record.loss_scaler) == {
         "loss_scale", "next_loss_scale", "unskipped"}
 
     resumed = subprocess.run(horovod(args + ["--resume"]), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    scale = newest.record["loss_scaler"]["loss_scale"]
+    scale = newest.record.loss_scaler["loss_scale"]
     assert f"resuming from {newest.name}: step {newest.step}" in resumed.stdout
     assert f"loss scale {scale:g}" in resumed.stdout
     digests = re.findall(r"rank \d/2: finished at step (\d+), parameter digest (\w+)", resumed.stdout)

@@ -142,9 +142,9 @@ def test_ema_saved_beside_each_checkpoint_and_checksummed(ema_run):
     good, bad = checkpoint.scan(run_dir)
     assert bad == [] and [c.step for c in good] == [15, 25]
     for ckpt in good:
-        listed = ckpt.record["files"][checkpoint.EMA_EXT]
+        listed = ckpt.record.files[checkpoint.EMA_EXT]
         assert listed == {"bytes": os.path.getsize(ckpt.ema_params_path), "sha256": sha256(ckpt.ema_params_path)}
-        assert ckpt.record["ema"] == {"half_life_epochs": 0.5, "every_steps": 2}
+        assert ckpt.record.ema == {"half_life_epochs": 0.5, "every_steps": 2}
     final = good[-1]
     # The same names and format as .params: Gluon loads it into the same architecture.
     assert sorted(mx.nd.load(final.ema_params_path)) == sorted(mx.nd.load(final.params_path))

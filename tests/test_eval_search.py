@@ -14,7 +14,8 @@ import pytest
 from conftest import run_tool
 from gluon_imagenet import best, checkpoint, export, predict
 from gluon_imagenet.model import build_model
-from gluon_imagenet.sweep_eval import SweepError, flip_averaged, parse_args, plan_jobs, read_run
+from gluon_imagenet.rundir import read_run
+from gluon_imagenet.sweep_eval import SweepError, flip_averaged, parse_args, plan_jobs
 from gluon_imagenet.sweep_eval import check_args as check_sweep_args
 from gluon_imagenet.sweep_eval import main as sweep_main
 from gluon_imagenet.sweep_report import format_table, per_checkpoint, plot_data

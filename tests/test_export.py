@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_tool
+from conftest import ROOT, TWO_PHASES, run_tool
 from gluon_imagenet import checkpoint, export, predict
 
 
@@ -337,6 +337,30 @@ def test_predict_command_imports_no_training_code(exported, shapes_tree):
     assert not loaded & training
 
 
+@pytest.mark.parametrize("sweep_json, problem", [
+    ("{not json", "not JSON"),
+    ("[]", "expected an object with a 'results' object"),
+    ('{"results": {"k": {"checkpoint": "ckpt-00000001"}}}', "result 'k' lacks step"),
+    (json.dumps({"results": {"k": {"checkpoint": "ckpt-00000001", "step": "one", "epoch": 1.0, "train_seconds": 1,
+                                   "wall_seconds": 1, "image_size": 32, "data_dir": "40", "top1": 0.5, "top5": 0.9,
+                                   "images": 70}}}), "result 'k' has step 'one', not a whole number"),
+])
+def test_a_wrong_shaped_sweep_json_is_one_line(tmp_path, sweep_json, problem):
+    # Read by the sweep's own reader (sweep_results.read_results): one line, exit 2, the file left as it is.
+    from gluon_imagenet.recipe import recipe_from_dict
+    from gluon_imagenet.rundir import PlannedPhase, RunRecord
+
+    run_dir = str(tmp_path)
+    RunRecord(recipe=json.loads(json.dumps(recipe_from_dict(TWO_PHASES).to_dict())), classes=["a", "b"],
+              phases=[PlannedPhase(0, 45, 15, 32, "40")]).write(run_dir)
+    (tmp_path / "sweep.json").write_text(sweep_json)
+    code, out, err = call(export.main, ["--run-dir", run_dir, "--best"])
+    assert code == 2 and out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "sweep.json" in lines[0] and problem in lines[0], err
+    assert (tmp_path / "sweep.json").read_text() == sweep_json  # export only reads: nothing moved aside
+
+
 # ------------------------------------------------------------------------------------------------ the best, data
 def rewrite_sweep(run_dir, change):
     path = os.path.join(run_dir, "sweep.json")
@@ -421,8 +445,7 @@ def test_export_takes_the_newest_epoch_checkpoint_and_reports_a_pruned_one(singl
     with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
         export.verified(run_dir, mid)
     os.remove(os.path.join(run_dir, mid + ".params"))
-    with open(os.path.join(run_dir, "run.json")) as f:
-        run = json.load(f)
+    run = export.read_run(run_dir)
     with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
         export.write_folder(str(tmp_path), run, ckpt, 32, {}, {})
 

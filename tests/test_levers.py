@@ -148,7 +148,7 @@ def test_sgd_with_a_static_loss_scale_under_horovod(packed_root, tmp_path):
         run = json.load(f)
     assert (run["recipe"]["optimizer"], run["recipe"]["loss_scale"]) == ("sgd", 256.0)
     final = checkpoint.scan(run_dir)[0][-1]
-    assert final.record["loss_scaler"] == {"loss_scale": 256.0, "next_loss_scale": 256.0, "unskipped": 0}
+    assert final.record.loss_scaler == {"loss_scale": 256.0, "next_loss_scale": 256.0, "unskipped": 0}
 
 
 def ffcv_resolution(epoch, min_res, max_res, start_ramp, end_ramp):

@@ -208,23 +208,24 @@ def facts(classes=10, images=240, identity="pack:a"):
 
 
 def trained_checkpoint(step, trained, **record):
-    from gluon_imagenet.checkpoint import Checkpoint
+    from gluon_imagenet.checkpoint import Checkpoint, Record
     from gluon_imagenet.schedule import make_plan
 
     recipe = make_plan(recipe_from_dict(trained), 240, 1).recipe
     base = {"recipe": recipe.to_dict(), "recipe_digest": recipe.digest(), "world_size": 1, "model": "resnet18_v1b",
             "classes": 10, "amp": None, "trained_on": facts()}
-    return Checkpoint(step, f"/runs/r/ckpt-{step:08d}.json", dict(base, **record))
+    return Checkpoint(step, f"/runs/r/ckpt-{step:08d}.json", Record.from_dict(dict(base, **record)))
 
 
 def resume_problem(ckpt, edited, run_facts=None, workers=1, model="resnet18_v1b", amp=None, run_record=None):
     from gluon_imagenet.resume import ResumeRefused, check
+    from gluon_imagenet.rundir import RunRecord
     from gluon_imagenet.schedule import make_plan
 
     run_facts = run_facts or facts()
     plan = make_plan(recipe_from_dict(edited), run_facts["train_images"]["40"], workers)
     try:
-        check(ckpt, plan, run_facts, workers, model, amp, "/data", run_record or {})
+        check(ckpt, plan, run_facts, workers, model, amp, "/data", RunRecord.from_dict(run_record or {}))
     except ResumeRefused as e:
         return str(e)
     return ""
@@ -307,13 +308,13 @@ def test_records_written_before_the_facts_were_recorded_compare_what_they_hold()
 
     digest = make_plan(recipe_from_dict(three_phases()), 240, 1).recipe.digest()
     old = trained_checkpoint(30, three_phases())
-    legacy = type(old)(30, old.json_path, {"recipe_digest": digest, "world_size": 1, "model": "resnet18_v1b",
-                                           "classes": 10, "amp": None})
+    legacy = type(old)(30, old.json_path, type(old.record).from_dict({
+        "recipe_digest": digest, "world_size": 1, "model": "resnet18_v1b", "classes": 10, "amp": None}))
     assert resume_problem(legacy, three_phases(), run_facts=facts(images=250, identity="x")) == ""
     assert "trained on 10 classes and data root '/data' has 5" in resume_problem(legacy, three_phases(),
                                                                                  run_facts=facts(classes=5))
     # The recipe from run.json when it has the checkpoint's digest: an edit of a later phase is accepted ...
-    run_record = {"recipe_digest": digest, "recipe": old.record["recipe"], "train_images": 240}
+    run_record = {"recipe_digest": digest, "recipe": old.record.recipe, "train_images": 240}
     assert resume_problem(legacy, edited(lambda r: r["phases"][2].update(batch_size=4)), run_record=run_record) == ""
     # ... and without a recipe to compare with, only the same recipe resumes.
     assert "trained with another recipe (digest" in resume_problem(
@@ -324,8 +325,12 @@ def test_records_written_before_the_facts_were_recorded_compare_what_they_hold()
 
 
 def test_run_json_keeps_which_recipe_trained_which_steps():
-    from gluon_imagenet.resume import recipe_history
+    from gluon_imagenet.resume import recipe_history as history_of
+    from gluon_imagenet.rundir import RunRecord
     from gluon_imagenet.schedule import make_plan
+
+    def recipe_history(run_json: dict, ckpt, plan):  # run.json's content as RunRecord reads it
+        return history_of(RunRecord.from_dict(run_json), ckpt, plan)
 
     first, second = (make_plan(recipe_from_dict(r), 240, 1) for r in
                      (three_phases(), edited(lambda r: r["phases"][2].update(batch_size=4))))

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import metrics, run_tool
 from gluon_imagenet import report
+from gluon_imagenet.rundir import RunRecord
 from gluon_imagenet.tensorboard import read_scalars
 
 CRIMSON = (0x3C, 0x14, 0xDC)  # BGR of the star that marks the first checkpoint reaching the target
@@ -70,7 +71,7 @@ def test_report_numbers(swept_copy):
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
     logged = metrics(run_dir)
-    rates = report.phase_rates(logged, run["phases"])
+    rates = report.phase_rates(logged, RunRecord.from_dict(run).phases)
     for phase, rate in zip(run["phases"], rates):
         inside = [m["img_per_s"] for m in logged if "img_per_s" in m and phase["first_step"] <= m["step"] <
                   phase["end_step"]]
@@ -78,7 +79,7 @@ def test_report_numbers(swept_copy):
     # TensorBoard's debiased moving average: the first value is kept, then (0.5 * 1 + 0.5 * 3) / (1 - 0.25)...
     assert report.smoothed([1.0, 3.0, float("nan"), 3.0], 0.5) == pytest.approx(
         [1.0, (0.25 + 1.5) / 0.75, float("nan"), (0.875 + 1.5) / 0.875], nan_ok=True)
-    text = report.header(run, report.newest_record(run_dir), logged)
+    text = report.header(RunRecord.from_dict(run), report.newest_record(run_dir), logged)
     assert "test-two-phases" in text and "1 worker(s) on cpu" in text and "AMP off" in text
     assert f"step {run['phases'][-1]['end_step']}/{run['phases'][-1]['end_step']}" in text
 
@@ -100,6 +101,6 @@ def test_report_draws_every_checkpoints_default_setting_beside_its_best(swept_co
     rows = report.sweep_rows(run_dir)
     assert len(rows) == 10 and sum(bool(r.get("flip")) for r in rows) == 5
     with open(os.path.join(run_dir, "run.json")) as f:
-        data = report.plot_data(rows, json.load(f), (None, 0.0))
+        data = report.plot_data(rows, RunRecord.from_dict(json.load(f)), (None, 0.0))
     assert len(data["top1"]) == 5 and data["best"] is not None and len(data["best"]["top1"]) == 5
     assert call([run_dir])[0] == 0

@@ -22,8 +22,9 @@ from conftest import ROOT, run_tool
 from gluon_imagenet import checkpoint, locks, packed, retention, stops
 from gluon_imagenet.devices import Device
 from gluon_imagenet.model import build_model
+from gluon_imagenet.rundir import RunRecord, read_run
 from gluon_imagenet.sweep_eval import (Evaluator, ResultStore, Verifier, best_row, format_table, parse_args, plan_jobs,
-                                       plot, plot_data, read_run, time_to_accuracy, worker_main)
+                                       plot, plot_data, time_to_accuracy, worker_main)
 from gluon_imagenet.sweep_eval import main as sweep_main
 
 
@@ -448,8 +449,8 @@ def test_a_damaged_sweep_json_is_moved_aside(tmp_path, capsys, content):
 
 
 # ------------------------------------------------------------------------------------------------ the plot
-RUN = {"phases": [{"first_step": 0, "image_size": 128}, {"first_step": 45, "image_size": 224},
-                  {"first_step": 200, "image_size": 288}]}
+RUN = RunRecord.from_dict({"phases": [{"first_step": 0, "image_size": 128}, {"first_step": 45, "image_size": 224},
+                                     {"first_step": 200, "image_size": 288}]})
 
 
 def plot_rows():
@@ -478,7 +479,7 @@ def test_plot_of_a_real_sweep(swept, tmp_path):
     run = read_run(run_dir)
     target = sorted(r["top5"] for r in rows)[2]  # reached by some checkpoint, not by all
     data = plot_data(rows, run, (target, None))
-    phase2 = [r for r in rows if r["step"] == run["phases"][1]["first_step"]][0]  # a checkpoint ends phase 1
+    phase2 = [r for r in rows if r["step"] == run.phases[1].first_step][0]  # a checkpoint ends phase 1
     assert data["boundaries"] == [round(phase2["train_seconds"] / 60, 4)]
     assert [p["label"] for p in data["phases"]] == ["32 px", "64 px"]
     first = next(r for r in rows if r["top5"] >= target)

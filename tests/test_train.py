@@ -40,15 +40,16 @@ def test_checkpoints_and_run_record(single_run):
     # one per epoch: 15 steps per epoch at batch 16, 30 at batch 8
     assert [c.step for c in good] == [15, 30, 45, 75, 105] == [plan.phases[0].steps_per_epoch * e for e in (1, 2, 3)] \
         + [45 + 30 * e for e in (1, 2)]
-    last = good[-1].record
+    last = good[-1].record.to_dict()
     assert (last["epoch"], last["images_seen"], last["world_size"], last["final"]) == (5.0, 45 * 16 + 60 * 8, 1, True)
-    assert last["image_size"] == 64 and good[0].record["image_size"] == 32
+    assert last["image_size"] == 64 and good[0].record.image_size == 32
     assert 0 < last["train_seconds"] <= last["wall_seconds"]
     assert last["recipe_digest"] == load_recipe(recipe).digest()
     with open(os.path.join(run_dir, "run.json")) as f:
         run = json.load(f)
     assert run["recipe"]["phases"][1]["lr"] == [0.2, 0.01]
     assert run["versions"]["mxnet"] == "1.9.1" and run["world_size"] == 1 and len(run["classes"]) == 10
+    assert (run["eval_image_size"], run["eval_data_dir"]) == (64, "72")  # resolved once, from the recipe
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", run["git_revision"])
     assert re.search(r"^\s+2\s+4\s+105/105\s", stdout, re.M)  # fixed-column progress line
 
@@ -67,7 +68,7 @@ def test_resume_after_sigkill_gives_the_same_run(single_run, packed_root, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     good, _ = checkpoint.scan(run_dir)
-    assert good[-1].step == 52 and not good[-1].record["final"]  # the newest: mid-epoch, every 4 steps
+    assert good[-1].step == 52 and not good[-1].record.final  # the newest: mid-epoch, every 4 steps
 
     resumed = run_tool(train_cmd(recipe, packed_root, run_dir, "--save-every-steps", "4", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -76,8 +77,8 @@ def test_resume_after_sigkill_gives_the_same_run(single_run, packed_root, tmp_pa
     assert [(m["step"], m["lr"], m["epoch"], m["phase"]) for m in again] == \
         [(m["step"], m["lr"], m["epoch"], m["phase"]) for m in reference]
     good, _ = checkpoint.scan(run_dir)
-    assert good[-1].step == 105 and good[-1].record["final"]
-    assert good[-1].record["wall_seconds"] > good[-2].record["wall_seconds"]
+    assert good[-1].step == 105 and good[-1].record.final
+    assert good[-1].record.wall_seconds > good[-2].record.wall_seconds
 
 
 @pytest.mark.slow
@@ -274,8 +275,8 @@ def test_a_resume_with_a_smaller_last_phase_batch_trains_the_new_plan(single_run
                                                       rel=1e-12)
     assert [m["phase"] for m in logged] == [0] * 45 + [1] * 80
     good, _ = checkpoint.scan(copy)
-    assert [c.step for c in good] == [15, 30, 45, 85, 125] and good[-1].record["final"]
-    assert good[-1].record["recipe_digest"] == after.recipe.digest()
+    assert [c.step for c in good] == [15, 30, 45, 85, 125] and good[-1].record.final
+    assert good[-1].record.recipe_digest == after.recipe.digest()
     with open(os.path.join(copy, "run.json")) as f:
         run = json.load(f)
     assert [(r["digest"], r["from_step"]) for r in run["recipes"]] == [(before.recipe.digest(), 0),

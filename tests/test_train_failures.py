@@ -200,10 +200,10 @@ def test_an_interrupted_checkpoint_save_leaves_nothing(tmp_path):
         loss = net(mx.nd.ones((4, 3))).sum()
     loss.backward()
     trainer.step(4)
-    saved = checkpoint.save(str(tmp_path), 1, net, trainer, {"epoch": 1.0})
+    saved = checkpoint.save(str(tmp_path), 1, net, trainer, checkpoint.Record(epoch=1.0))
     assert checkpoint.problem(saved.json_path)[1] == ""
     with pytest.raises(TypeError):  # the record fails to write after .params and .states were renamed in place
-        checkpoint.save(str(tmp_path), 2, net, trainer, {"epoch": object()})
+        checkpoint.save(str(tmp_path), 2, net, trainer, checkpoint.Record(epoch=object()))
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000001.json", "ckpt-00000001.params", "ckpt-00000001.states"]
     assert [c.step for c in checkpoint.scan(str(tmp_path))[0]] == [1]
 

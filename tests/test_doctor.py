@@ -107,7 +107,7 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
         loss = gluon.loss.SoftmaxCrossEntropyLoss()(net(data), mx.nd.array([0, 1]))
     loss.backward()
     trainer.step(2)
-    saved = checkpoint.save(str(tmp_path), 1, net, trainer, {})
+    saved = checkpoint.save(str(tmp_path), 1, net, trainer, checkpoint.Record())
     actual = sum(os.path.getsize(p) for p in (saved.params_path, saved.states_path, saved.json_path))
     estimate = doctor.checkpoint_bytes("resnet18_v1b", 10)
     assert actual <= estimate <= actual + doctor.CHECKPOINT_OVERHEAD_BYTES, (actual, estimate)

@@ -260,9 +260,9 @@ def test_a_save_interrupted_while_writing_the_ema_leaves_no_piece(tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        checkpoint.save(str(tmp_path), 10, net, trainer, {}, {checkpoint.EMA_EXT: full_disk})
+        checkpoint.save(str(tmp_path), 10, net, trainer, checkpoint.Record(), {checkpoint.EMA_EXT: full_disk})
     assert os.listdir(tmp_path) == []
-    saved = checkpoint.save(str(tmp_path), 10, net, trainer, {}, {checkpoint.EMA_EXT: ema.save})
+    saved = checkpoint.save(str(tmp_path), 10, net, trainer, checkpoint.Record(), {checkpoint.EMA_EXT: ema.save})
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000010" + ext for ext in (".ema.params", ".json", ".params",
                                                                                ".states")]
     assert checkpoint.scan(str(tmp_path)) == ([saved], [])

@@ -50,13 +50,14 @@ def child(args) -> None:
     """One worker: evaluate the checkpoint `--evaluations` times, print the RSS after each as JSON."""
     import psutil
 
+    from gluon_imagenet.checkpoint import Record
     from gluon_imagenet.data import packed_count
     from gluon_imagenet.devices import Device
     from gluon_imagenet.sweep_eval import Evaluator, Job
 
     evaluator = Evaluator(Device("cpu"), args.threads)
     job = Job("ckpt-bench", args.params, args.model, args.classes, args.size, "256",
-              {"step": 1, "epoch": 1.0, "train_seconds": 1.0, "wall_seconds": 1.0}, 0.875, args.batch,
+              Record(step=1, epoch=1.0, train_seconds=1.0, wall_seconds=1.0), 0.875, args.batch,
               os.path.abspath(args.root), "bench")
     process = psutil.Process()
     rss, seconds = [], []

@@ -55,6 +55,7 @@ def main() -> None:
 
     from sweep_memory import make_checkpoint, make_data
 
+    from gluon_imagenet.checkpoint import Record
     from gluon_imagenet.devices import Device
     from gluon_imagenet.sweep_eval import Evaluator, Job, round8
 
@@ -62,7 +63,7 @@ def main() -> None:
     try:
         root = os.path.abspath(make_data(work, args.images))
         params = make_checkpoint(work, args.model, 10)
-        record = {"step": 1, "epoch": 1.0, "train_seconds": 1.0, "wall_seconds": 1.0}
+        record = Record(step=1, epoch=1.0, train_seconds=1.0, wall_seconds=1.0)
 
         def job(scale, flips):
             size = args.size if scale == 1 else round8(args.size * scale)

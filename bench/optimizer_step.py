@@ -30,7 +30,7 @@ def main() -> None:
 
     from gluon_imagenet.devices import Device
     from gluon_imagenet.dist import Ranks
-    from gluon_imagenet.learner import Learner
+    from gluon_imagenet.train.learner import Learner
 
     data = mx.nd.random.randint(0, 256, shape=(2, 3, 32, 32)).astype("uint8")
     label = mx.nd.array([0, 1])

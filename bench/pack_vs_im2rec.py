@@ -17,7 +17,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gluon_imagenet.demo_data import CLASSES, generate  # noqa: E402
+from gluon_imagenet.data.demo import CLASSES, generate
 
 
 def timed(cmd, **kw):

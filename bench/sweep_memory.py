@@ -23,7 +23,7 @@ MARKS = (1, 2, 5, 10, 20, 30, 40)
 
 
 def make_data(work: str, images: int) -> str:
-    from gluon_imagenet.demo_data import CLASSES, generate
+    from gluon_imagenet.data.demo import CLASSES, generate
 
     src = os.path.join(work, "src")
     generate(src, train_per_class=1, val_per_class=max(1, images // len(CLASSES)), size=(375, 500))
@@ -51,9 +51,10 @@ def child(args) -> None:
     import psutil
 
     from gluon_imagenet.checkpoint import Record
-    from gluon_imagenet.data import packed_count
+    from gluon_imagenet.data.iterators import packed_count
     from gluon_imagenet.devices import Device
-    from gluon_imagenet.sweep_eval import Evaluator, Job
+    from gluon_imagenet.sweep_eval.evaluate import Evaluator
+    from gluon_imagenet.sweep_eval.jobs import Job
 
     evaluator = Evaluator(Device("cpu"), args.threads)
     job = Job("ckpt-bench", args.params, args.model, args.classes, args.size, "256",

@@ -57,7 +57,9 @@ def main() -> None:
 
     from gluon_imagenet.checkpoint import Record
     from gluon_imagenet.devices import Device
-    from gluon_imagenet.sweep_eval import Evaluator, Job, round8
+    from gluon_imagenet.sweep_eval.evaluate import Evaluator
+    from gluon_imagenet.sweep_eval.jobs import Job
+    from gluon_imagenet.sweep_eval.plan import round8
 
     work = tempfile.mkdtemp(prefix="sweep-settings-")
     try:

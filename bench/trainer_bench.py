@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 
 def make_data(work, images):
-    from gluon_imagenet.demo_data import CLASSES, generate
+    from gluon_imagenet.data.demo import CLASSES, generate
 
     src = os.path.join(work, "src")
     generate(src, train_per_class=max(1, images // len(CLASSES)), val_per_class=1, size=(375, 500))
@@ -33,7 +33,7 @@ def make_data(work, images):
 def bench_input(root, batches, threads):
     import mxnet as mx
 
-    from gluon_imagenet.data import BatchStream, Shard, train_iterator, train_iterator_kwargs
+    from gluon_imagenet.data.iterators import BatchStream, Shard, train_iterator, train_iterator_kwargs
 
     print(f"{'size':>5} {'batch':>5} {'bare img/s':>11} {'trainer img/s':>14} {'ratio':>6}")
     for size, batch, data_dir in ((128, 64, "160"), (224, 32, "320"), (288, 32, "320")):
@@ -78,7 +78,7 @@ def bench_loop(model, size, batch, steps):
     def trainer_rate(amp_dtype=None):
         from gluon_imagenet.devices import Device
         from gluon_imagenet.dist import Ranks
-        from gluon_imagenet.learner import Learner
+        from gluon_imagenet.train.learner import Learner
 
         learner = Learner(model=model, classes=10, device=Device("cpu"), ranks=Ranks(), seed=0, lr=0.01,
                           momentum=0.9, weight_decay=1e-4, label_smoothing=0.0, first_image_size=size,
@@ -151,8 +151,8 @@ def bench_ema(model, size, batch, steps, every_steps=1):
 
     from gluon_imagenet.devices import Device
     from gluon_imagenet.dist import Ranks
-    from gluon_imagenet.learner import Learner
     from gluon_imagenet.recipe import EmaSettings
+    from gluon_imagenet.train.learner import Learner
 
     data = mx.nd.random.randint(0, 256, shape=(batch, 3, size, size)).astype("uint8")
     label = mx.nd.random.randint(0, 10, shape=(batch,))
@@ -193,7 +193,7 @@ def bench_switch(root, threads, switches=10):
     import mxnet as mx
     import psutil
 
-    from gluon_imagenet.data import BatchStream, Shard, train_iterator
+    from gluon_imagenet.data.iterators import BatchStream, Shard, train_iterator
 
     process = psutil.Process()
     sizes = [(128, 32, "160"), (224, 16, "320"), (288, 8, "320")]

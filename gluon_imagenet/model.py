@@ -8,7 +8,7 @@ import mxnet as mx
 from gluoncv.model_zoo import get_model
 from mxnet.gluon import HybridBlock
 
-from gluon_imagenet.data import MEAN_RGB, STD_RGB
+from gluon_imagenet.data.iterators import MEAN_RGB, STD_RGB
 from gluon_imagenet.names import MODELS
 
 

@@ -13,7 +13,7 @@ sweep is the accuracy you get here (see prepare()).
 Exit codes: 0 every image was predicted; 1 at least one image could not be read or decoded (each gets one
 line on stderr; the others are still predicted and printed); 2 the model folder or the arguments are unusable.
 
-Imports MXNet, NumPy, OpenCV and the packer's image chain (images.py) only, never the training code: the model
+Imports MXNet, NumPy, OpenCV and the packer's image chain (data/images.py) only, never the training code: the model
 folder is all it needs.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import mxnet as mx
 import numpy as np
 
 # The packer's own image chain, so the resize and the JPEG step are the packer's by construction.
-from gluon_imagenet.images import as_packed, decode
+from gluon_imagenet.data.images import as_packed, decode
 
 MODEL_JSON = "model.json"
 FORMAT = "gluon_imagenet.export/1"
@@ -232,7 +232,7 @@ def scores(net, batch: np.ndarray, ctx: mx.Context) -> np.ndarray:
 
 def load_onnx(model_dir: str):
     """(onnxruntime classifier, model.json contents) for --runtime onnx."""
-    from gluon_imagenet.onnx_export import OnnxClassifier, OnnxUnavailable, import_runtime
+    from gluon_imagenet.export.onnx_export import OnnxClassifier, OnnxUnavailable, import_runtime
 
     meta = read_model_json(model_dir)
     entry = meta.get("onnx")

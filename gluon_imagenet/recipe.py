@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,20 +22,24 @@ from typing import Any
 
 import yaml
 
-from gluon_imagenet.packed import check_for, size_problem
+from gluon_imagenet.data.packed import check_for, size_problem
+from gluon_imagenet.recipe_fields import (RecipeError, _as_float, _as_int, _boolean, _choice, _integer, _number, _pair,
+                                          _reject_unknown, _text)
 
 LR_METHODS = ("linear", "exp", "cosine")
+
+
 LR_SCALING_RULES = ("linear", "none")
+
+
 # nag: Nesterov momentum, the seed's; MXNet updates its parameters one by one. sgd: heavy-ball momentum through
 # MXNet's aggregated multi-tensor update (multi_sgd_mom_update), as NVIDIA's MLPerf ResNet-50 runs.
 OPTIMIZERS = ("nag", "sgd")
+
+
 # Images per worker per step. The largest ResNet-50 batches on one accelerator are a few thousand images; a
 # larger value is a typo, and would fail only when the input pipeline tries to allocate it.
 MAX_BATCH_SIZE = 16384
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be trained; the message says where and why."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Recipe:
 
 
 _PHASE_FIELDS = {f.name for f in dataclasses.fields(Phase)}
+
+
 _RECIPE_FIELDS = {f.name for f in dataclasses.fields(Recipe)} - {"source"}
 
 
@@ -195,13 +200,6 @@ def _phase_name(index: int, phase: Phase | None = None) -> str:
     return f"phase {index + 1} (epochs [{phase.epochs[0]}, {phase.epochs[1]}))"
 
 
-def _reject_unknown(raw: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(map(str, raw)) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-
-
 def _parse_phase(raw: Any, index: int, source: str) -> Phase:
     where = f"{source}: {_phase_name(index)}"
     if not isinstance(raw, dict):
@@ -247,63 +245,6 @@ def _check_phase_sequence(phases: tuple[Phase, ...], source: str) -> None:
             raise RecipeError(
                 f"{source}: {_phase_name(i, phases[i])}: field 'epochs': {kind} with the previous phase, which "
                 f"ends at epoch {before}; this phase must start at epoch {before}, not {here}")
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, (int, str)):
-        return int(value)
-    raise ValueError
-
-
-def _as_float(value: Any) -> float:
-    # PyYAML reads `2e-4` (no dot) as text: accept it as the number the writer meant.
-    if isinstance(value, bool):
-        raise ValueError
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError
-    return result
-
-
-def _pair(raw: dict, key: str, where: str, convert) -> tuple:
-    value = raw[key]
-    try:
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ValueError
-        return tuple(convert(v) for v in value)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: field {key!r}: {value!r} must be a pair [start, end] of numbers") from None
-
-
-def _scalar(raw: dict, key: str, default: Any, where: str, convert, kind: str) -> Any:
-    if key not in raw:
-        if default is None:
-            raise RecipeError(f"{where}: missing field {key!r}")
-        return default
-    try:
-        return convert(raw[key])
-    except (TypeError, ValueError):
-        raise RecipeError(f"{where}: field {key!r}: {raw[key]!r} is not {kind}") from None
-
-
-def _integer(raw, key, default, where, minimum, maximum=None):
-    value = _scalar(raw, key, default, where, _as_int, "a whole number")
-    if value < minimum:
-        raise RecipeError(f"{where}: field {key!r}: {value} must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise RecipeError(f"{where}: field {key!r}: {value} must be <= {maximum}")
-    return value
-
-
-def _boolean(raw, key, default, where):
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise RecipeError(f"{where}: field {key!r}: {value!r} must be true or false")
-    return value
 
 
 def _aspect_ratio(raw, where):
@@ -363,30 +304,6 @@ def _ema(raw, where):
         raise RecipeError(f"{where}: field 'ema.every_steps': {value.get('every_steps')!r} must be a whole number "
                           ">= 1 (update the average every K steps)")
     return EmaSettings(half_life, every)
-
-
-def _number(raw, key, default, where, minimum, below=None):
-    value = _scalar(raw, key, default, where, _as_float, "a number")
-    if value < minimum or (below is not None and value >= below):
-        allowed = f">= {minimum}" + (f" and < {below}" if below is not None else "")
-        raise RecipeError(f"{where}: field {key!r}: {value} must be {allowed}")
-    return value
-
-
-def _text(raw, key, default, where):
-    value = raw.get(key, default)
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise RecipeError(f"{where}: field {key!r}: {value!r} must be text")
-    return value
-
-
-def _choice(raw, key, default, allowed, where):
-    value = _scalar(raw, key, default, where, str, "text")
-    if value not in allowed:
-        raise RecipeError(f"{where}: field {key!r}: {value!r} is not one of {', '.join(allowed)}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

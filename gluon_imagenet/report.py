@@ -22,8 +22,9 @@ import sys
 
 from gluon_imagenet import checkpoint
 from gluon_imagenet.rundir import RunDirError, RunRecord
-from gluon_imagenet.sweep_eval import SweepError, describe_target, plot_data, resolve_targets
-from gluon_imagenet.sweep_results import SweepResultsError, read_results
+from gluon_imagenet.sweep_eval.plan import SweepError
+from gluon_imagenet.sweep_eval.report import describe_target, plot_data, resolve_targets
+from gluon_imagenet.sweep_eval.results import SweepResultsError, read_results
 
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's smoothing slider
 PHASE_COLOURS = ("#dbe9f6", "#fde8d4", "#dff2dc", "#eee1f3", "#f7f3d0")

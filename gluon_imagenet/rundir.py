@@ -143,7 +143,8 @@ class RunRecord:
         for a run.json written before it was recorded, by the recipe's own rule from its recipe."""
         if self.eval_image_size is not None and self.eval_data_dir is not None:
             return self.eval_image_size, self.eval_data_dir
-        from gluon_imagenet.recipe import RecipeError, recipe_from_dict
+        from gluon_imagenet.recipe import recipe_from_dict
+        from gluon_imagenet.recipe_fields import RecipeError
 
         try:
             recipe = recipe_from_dict(self.recipe, source="run.json's recipe")

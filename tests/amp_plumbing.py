@@ -16,6 +16,6 @@ amp.init(target_dtype="bfloat16", target_precision_ops=[], conditional_fp32_ops=
 from gluon_imagenet import devices  # noqa: E402
 
 devices.cpu_supports_bfloat16 = lambda cpuinfo=None: True  # nothing runs in bfloat16 in this process
-from gluon_imagenet.train import main  # noqa: E402
+from gluon_imagenet.train.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Shared fixtures: small image trees and packed data, made by the tests with the project's own tools."""
-import os
 import json
+import os
 import subprocess
 import sys
 
@@ -21,7 +21,7 @@ def run_tool(args, **kwargs):
 @pytest.fixture(scope="session")
 def shapes_tree(tmp_path_factory):
     """10 classes of generated shapes: 24 train + 7 val images per class (uneven on purpose)."""
-    from gluon_imagenet.demo_data import generate
+    from gluon_imagenet.data.demo import generate
 
     out = tmp_path_factory.mktemp("shapes")
     generate(str(out), train_per_class=24, val_per_class=7, seed=1)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from gluon_imagenet import dist
-from gluon_imagenet.train import main
+from gluon_imagenet.train.cli import main
 
 average_arrays = dist.Ranks.average_arrays
 

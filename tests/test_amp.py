@@ -33,7 +33,7 @@ import mxnet as mx
 from gluon_imagenet import checkpoint
 from gluon_imagenet.devices import Device
 from gluon_imagenet.dist import Ranks
-from gluon_imagenet.learner import Learner
+from gluon_imagenet.train.learner import Learner
 
 def learner(**kw):
     return Learner(model="resnet18_v1b", classes=4, device=Device("cpu"), ranks=Ranks(), seed=0, lr=0.1,
@@ -127,7 +127,7 @@ def test_bfloat16_run_reaches_float32_accuracy(tmp_path):
     # 240 training images (the shared fixture) stay at chance in a short run (top-1 0.11, seen on a bfloat16 CPU):
     # 600 of them and 8 epochs learn (top-1 ~0.33 at 32 px), and 300 validation images keep the comparison's
     # sampling noise (~3%) well inside its tolerance. One process: the AMP plumbing test covers Horovod.
-    from gluon_imagenet.demo_data import generate
+    from gluon_imagenet.data.demo import generate
 
     src, root = str(tmp_path / "src"), str(tmp_path / "recordio")
     generate(src, train_per_class=60, val_per_class=30, seed=1)

@@ -1,4 +1,4 @@
-"""The training input stream (data.py) through real ImageRecordIter: augmentation, shards, device, recipe settings."""
+"""The training input stream (data/iterators.py) through real ImageRecordIter: augmentation, shards, device, recipe settings."""
 import os
 
 import cv2
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import run_tool
-from gluon_imagenet.data import Augmentation, BatchStream, Shard, train_iterator
+from gluon_imagenet.data.iterators import Augmentation, BatchStream, Shard, train_iterator
 from gluon_imagenet.devices import Device
 from gluon_imagenet.recipe import recipe_from_dict
 

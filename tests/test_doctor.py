@@ -6,8 +6,11 @@ import os
 import pytest
 
 from conftest import TWO_PHASES, run_tool, write_recipe
-from gluon_imagenet import devices, doctor, gpu_settings
+from gluon_imagenet import devices, gpu_settings
 from gluon_imagenet.devices import cpu_supports_bfloat16
+from gluon_imagenet.doctor import cluster as doctor_cluster
+from gluon_imagenet.doctor import gpus as doctor_gpus
+from gluon_imagenet.doctor import storage as doctor_storage
 
 SMALL = ["--model", "resnet18_v1b"]  # the small network keeps the real training step quick
 
@@ -87,7 +90,7 @@ def test_run_dir_without_enough_disk_fails(packed_root, tmp_path):
 @pytest.mark.parametrize("free_factor, status", [(2.0, "ok"), (1.1, "warning"), (0.99, "failure")])
 def test_disk_check_against_free_space(free_factor, status):
     need = (40 + 1) * 1000
-    results = doctor.check_disk("/runs/x", 40, 1000, free=lambda path: int(need * free_factor))
+    results = doctor_storage.check_disk("/runs/x", 40, 1000, free=lambda path: int(need * free_factor))
     assert [r.status for r in results] == [status]
 
 
@@ -109,18 +112,18 @@ def test_checkpoint_size_estimate_matches_a_real_checkpoint(tmp_path):
     trainer.step(2)
     saved = checkpoint.save(str(tmp_path), 1, net, trainer, checkpoint.Record())
     actual = sum(os.path.getsize(p) for p in (saved.params_path, saved.states_path, saved.json_path))
-    estimate = doctor.checkpoint_bytes("resnet18_v1b", 10)
-    assert actual <= estimate <= actual + doctor.CHECKPOINT_OVERHEAD_BYTES, (actual, estimate)
+    estimate = doctor_storage.checkpoint_bytes("resnet18_v1b", 10)
+    assert actual <= estimate <= actual + doctor_storage.CHECKPOINT_OVERHEAD_BYTES, (actual, estimate)
 
 
 @pytest.mark.parametrize("ranks, threads, cores, status", [
     (1, 0, 16, "ok"), (8, 0, 64, "ok"), (8, 0, 8, "warning"), (2, 4, 4, "warning"), (1, 1, 2, "warning"),
 ])
 def test_threads_per_rank(ranks, threads, cores, status):
-    assert [r.status for r in doctor.check_threads(ranks, threads, cores)] == [status]
+    assert [r.status for r in doctor_cluster.check_threads(ranks, threads, cores)] == [status]
 
 
-PIP = (set(doctor.PIP_WHEEL_ARCHS), set())
+PIP = (set(doctor_gpus.PIP_WHEEL_ARCHS), set())
 
 
 @pytest.mark.parametrize("name, capability, archs, runs", [
@@ -134,12 +137,12 @@ PIP = (set(doctor.PIP_WHEEL_ARCHS), set())
     ("K80", (3, 7), PIP, False),
 ])
 def test_compute_capability_against_build(name, capability, archs, runs):
-    assert doctor.runs_on(doctor.GPU(0, name, capability), *archs) is runs
+    assert doctor_gpus.runs_on(doctor_gpus.GPU(0, name, capability), *archs) is runs
 
 
 def test_hopper_with_a_pip_wheel_says_use_nvidias_container():
-    gpus = [doctor.GPU(0, "NVIDIA H100 80GB HBM3", (9, 0)), doctor.GPU(1, "NVIDIA A100-SXM4-80GB", (8, 0))]
-    results = {r.check: r for r in doctor.check_gpus(gpus, "test", (*PIP, "pip wheel mxnet-cu117==1.9.1"))}
+    gpus = [doctor_gpus.GPU(0, "NVIDIA H100 80GB HBM3", (9, 0)), doctor_gpus.GPU(1, "NVIDIA A100-SXM4-80GB", (8, 0))]
+    results = {r.check: r for r in doctor_gpus.check_gpus(gpus, "test", (*PIP, "pip wheel mxnet-cu117==1.9.1"))}
     assert results["gpu 0"].status == "failure" and "NVIDIA's MXNet container" in results["gpu 0"].fix
     assert "sm_90" in results["gpu 0"].detail and "sm_86" in results["gpu 0"].detail
     assert results["gpu 1"].status == "ok"
@@ -151,23 +154,23 @@ def test_hopper_with_a_pip_wheel_says_use_nvidias_container():
 ])
 def test_gpus_as_cuda_numbers_them(monkeypatch, visible, expected):
     """nvidia-smi lists every GPU; MXNet's gpu(i) is the i-th of CUDA_VISIBLE_DEVICES."""
-    every = [doctor.GPU(i, name, (8, 0)) for i, name in enumerate("ABC")]
-    monkeypatch.setattr(doctor, "_all_gpus", lambda: (every, "nvidia-smi"))
+    every = [doctor_gpus.GPU(i, name, (8, 0)) for i, name in enumerate("ABC")]
+    monkeypatch.setattr(doctor_gpus, "_all_gpus", lambda: (every, "nvidia-smi"))
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert [(g.index, g.name) for g in doctor.list_gpus()[0]] == expected
+    assert [(g.index, g.name) for g in doctor_gpus.list_gpus()[0]] == expected
 
 
 def test_no_gpu_is_a_plain_line():
-    assert [(r.status, r.check) for r in doctor.check_gpus([], "no nvidia-smi", None)] == [("info", "gpus")]
+    assert [(r.status, r.check) for r in doctor_gpus.check_gpus([], "no nvidia-smi", None)] == [("info", "gpus")]
 
 
 def test_a_failing_device_step_is_reported_not_fatal():
     """The per-device step runs in its own process: a GPU step on this CPU-only MXNet fails there, and the doctor
     reports it with the error."""
-    results = doctor.check_amp([doctor.GPU(0, "test GPU", (8, 0))], "resnet18_v1b", timeout=300)
+    results = doctor_gpus.check_amp([doctor_gpus.GPU(0, "test GPU", (8, 0))], "resnet18_v1b", timeout=300)
     assert [(r.status, r.check) for r in results] == [("failure", "amp gpu 0")]
     assert "training step failed" in results[0].detail and "exit" in results[0].detail
 

@@ -10,11 +10,16 @@ import time
 
 import pytest
 
-from conftest import ROOT, TWO_PHASES, run_tool, train_cmd, write_recipe
-from gluon_imagenet import devices, doctor, engine_env, gpu_settings, memory_probe, packed, probes
-from gluon_imagenet.recipe import load_recipe
-
 import test_pack  # the damage table the packer's tests keep
+from conftest import ROOT, TWO_PHASES, run_tool, train_cmd, write_recipe
+from gluon_imagenet import devices, engine_env, gpu_settings
+from gluon_imagenet.data import packed
+from gluon_imagenet.doctor import cli as doctor_cli
+from gluon_imagenet.doctor import cluster as doctor_cluster
+from gluon_imagenet.doctor import gpus as doctor_gpus
+from gluon_imagenet.doctor import storage as doctor_storage
+from gluon_imagenet.recipe import load_recipe
+from gluon_imagenet.train import memory_probe, probes
 
 SMALL = ["--model", "resnet18_v1b"]
 DAMAGES = [test_pack._cut_500, test_pack._cut_to_half, test_pack._append_bytes, test_pack._drop_idx_line,
@@ -33,8 +38,8 @@ def lines_of(stdout, check):
 # ------------------------------------------------------------------------------------------------ decode threads
 def test_trainer_and_doctor_agree_on_decode_threads_under_taskset(packed_root, tmp_path):
     """`taskset -c 0`: one CPU. The trainer sized threads from os.cpu_count() (2 here), the doctor from the mask."""
-    script = ("import sys; from gluon_imagenet import train; from gluon_imagenet.dist import Ranks; "
-              "args = train.parse_args(sys.argv[1:]); print('threads', train.prepare(args, Ranks()).threads)")
+    script = ("import sys; from gluon_imagenet.train import cli, setup; from gluon_imagenet.dist import Ranks; "
+              "args = cli.parse_args(sys.argv[1:]); print('threads', setup.prepare(args, Ranks()).threads)")
     recipe = write_recipe(str(tmp_path))
     trainer = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", script, "--recipe", recipe, "--data-root",
                               packed_root, "--io-only"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -77,7 +82,7 @@ def test_image_record_iters_cap_binds_and_is_said(tmp_path):
     asked = devices.decode_threads(1, requested=6, affinity=8, **where)
     assert asked.threads == 4 and asked.capped
     assert not devices.decode_threads(2, affinity=8, **where).capped
-    warning = doctor.check_threads(1, 6, 8)[0]
+    warning = doctor_cluster.check_threads(1, 6, 8)[0]
     assert warning.status == "warning" and warning.fix.startswith("--threads 4")
 
 
@@ -113,7 +118,7 @@ def test_a_probe_that_reports_an_error_and_hangs_is_reported_at_once(monkeypatch
     monkeypatch.setenv("MXNET_CPU_WORKER_NTHREADS", "0")
     monkeypatch.setattr(probes, "STUCK_AFTER_ERROR_SECONDS", 2.0)
     start = time.monotonic()
-    results = doctor.check_amp([], "resnet18_v1b", timeout=120)
+    results = doctor_gpus.check_amp([], "resnet18_v1b", timeout=120)
     failure = [r for r in results if r.status == "failure"]
     assert time.monotonic() - start < 60
     assert len(failure) == 1 and "Check failed" in failure[0].detail, results
@@ -139,7 +144,7 @@ def test_doctor_and_trainer_agree_on_damaged_packed_data(packed_root, tmp_path, 
     damage(str(root / "40"))
     recipe_path = write_recipe(str(tmp_path))
     trainer_problems = packed.check_for(load_recipe(recipe_path), str(root))
-    results, _ = doctor.check_data(recipe_path, str(root))
+    results, _ = doctor_storage.check_data(recipe_path, str(root))
     doctor_failed = any(r.status == "failure" for r in results)
     assert doctor_failed == bool(trainer_problems), (trainer_problems, results)
     if damage is test_pack._cut_500:
@@ -204,7 +209,7 @@ def test_a_run_dir_on_a_read_only_file_system_fails(tmp_path):
 
 def test_a_writable_run_dir_gets_a_probe_file_and_keeps_nothing(tmp_path):
     (tmp_path / "runs").mkdir()
-    assert [r.status for r in doctor.check_run_dir(str(tmp_path / "runs" / "new"))] == ["ok"]
+    assert [r.status for r in doctor_storage.check_run_dir(str(tmp_path / "runs" / "new"))] == ["ok"]
     assert os.listdir(tmp_path / "runs") == []
 
 
@@ -280,7 +285,7 @@ def test_collectives_run_under_horovodrun(tmp_path):
 
 
 def test_without_horovodrun_the_collectives_are_not_claimed():
-    results = doctor.run_checks(doctor.parse_args([*SMALL, "--checks", "horovod"]))
+    results = doctor_cli.run_checks(doctor_cli.parse_args([*SMALL, "--checks", "horovod"]))
     assert [r.status for r in results if r.check == "collectives"] == ["info"]
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, TWO_PHASES, run_tool, train_cmd, write_recipe
 from gluon_imagenet import checkpoint
-from gluon_imagenet.recipe import RecipeError, recipe_from_dict
+from gluon_imagenet.recipe import recipe_from_dict
+from gluon_imagenet.recipe_fields import RecipeError
 
 
 def tiny_net():
@@ -182,7 +183,6 @@ def test_a_phase_boundary_resume_with_ema_is_bit_identical(ema_run, packed_root,
 def test_two_ranks_train_and_save_the_ema(packed_root, tmp_path):
     import mxnet as mx
     import numpy as np
-
     from test_amp import horovod
 
     one_phase = dict(EMA_RECIPE, reference_workers=2, phases=EMA_RECIPE["phases"][:1])  # 240 / (2 x 16): 8 steps

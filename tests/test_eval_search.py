@@ -12,13 +12,16 @@ import numpy as np
 import pytest
 
 from conftest import run_tool
-from gluon_imagenet import best, checkpoint, export, predict
+from gluon_imagenet import best, checkpoint, predict
+from gluon_imagenet.export import cli as export_cli
 from gluon_imagenet.model import build_model
 from gluon_imagenet.rundir import read_run
-from gluon_imagenet.sweep_eval import SweepError, flip_averaged, parse_args, plan_jobs
-from gluon_imagenet.sweep_eval import check_args as check_sweep_args
-from gluon_imagenet.sweep_eval import main as sweep_main
-from gluon_imagenet.sweep_report import format_table, per_checkpoint, plot_data
+from gluon_imagenet.sweep_eval.cli import check_args as check_sweep_args
+from gluon_imagenet.sweep_eval.cli import main as sweep_main
+from gluon_imagenet.sweep_eval.cli import parse_args
+from gluon_imagenet.sweep_eval.jobs import flip_averaged
+from gluon_imagenet.sweep_eval.plan import SweepError, plan_jobs
+from gluon_imagenet.sweep_eval.report import format_table, per_checkpoint, plot_data
 
 EMA_OF = "ckpt-00000045"  # its weights become ckpt-00000105's "EMA weights": a network that scores otherwise
 WITH_EMA = "ckpt-00000105"
@@ -269,7 +272,7 @@ def test_export_best_takes_the_best_weights_and_setting(searched, tmp_path, shap
     with open(path, "w") as f:
         json.dump(data, f)
     out = str(tmp_path / "model")
-    assert export.main(["--run-dir", run_dir, "--best", "--out", out]) == 0
+    assert export_cli.main(["--run-dir", run_dir, "--best", "--out", out]) == 0
     with open(os.path.join(out, "provenance.json")) as f:
         provenance = json.load(f)
     with open(os.path.join(out, "model.json")) as f:
@@ -293,18 +296,18 @@ def test_export_best_takes_the_best_weights_and_setting(searched, tmp_path, shap
 
 
 def test_scales_and_flip_share_one_iterator_per_size_per_worker(searched, packed_root, monkeypatch):
-    from gluon_imagenet import data
+    from gluon_imagenet.data import iterators
     from gluon_imagenet.devices import Device
-    from gluon_imagenet.sweep_eval import Evaluator
+    from gluon_imagenet.sweep_eval.evaluate import Evaluator
 
     run_dir, _, rows, _ = searched
-    created, real = [], data.val_iterator
+    created, real = [], iterators.val_iterator
 
     def counted(*args, **kwargs):  # the real iterator, counted
         created.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data, "val_iterator", counted)
+    monkeypatch.setattr(iterators, "val_iterator", counted)
     args = parse_args(["--run-dir", run_dir, "--data-root", packed_root, "--batch-size", "16", "--eval-scales",
                        "1,1.125", "--flip"])
     check_sweep_args(args)

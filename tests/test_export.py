@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TWO_PHASES, run_tool
-from gluon_imagenet import checkpoint, export, predict
+from gluon_imagenet import checkpoint, predict
+from gluon_imagenet.export import choose as export_choose
+from gluon_imagenet.export import cli as export_cli
+from gluon_imagenet.export import folder as export_folder
 
 
 def call(main, args):
@@ -55,7 +58,7 @@ def swept_run(single_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(swept_run):
     run_dir, rows = swept_run
-    code, out, err = call(export.main, ["--run-dir", run_dir, "--best"])
+    code, out, err = call(export_cli.main, ["--run-dir", run_dir, "--best"])
     assert code == 0, out + err
     best = max(rows, key=lambda r: (r["top1"], r["top5"], r["step"]))
     return os.path.join(run_dir, "export", best["checkpoint"]), best, out
@@ -97,7 +100,7 @@ def test_export_best_writes_a_complete_folder(exported, swept_run, packed_root):
 
 def test_packer_chain_is_found(packed_root):
     """packed_root was packed at 72 and 40 in one run: the 40 px images were resized from the 72 px ones."""
-    from gluon_imagenet.export import packer_settings
+    from gluon_imagenet.export.folder import packer_settings
 
     assert packer_settings(packed_root, "40")["packer_sizes"] == [72, 40]
     assert packer_settings(packed_root, "72")["packer_sizes"] == [72]
@@ -105,7 +108,7 @@ def test_packer_chain_is_found(packed_root):
 
 def test_packer_chain_of_an_older_pack_json_is_guessed_with_a_warning(packed_root, tmp_path, capsys):
     """pack.json written before the chain was recorded: the larger packs of the root, said so."""
-    from gluon_imagenet.export import packer_settings
+    from gluon_imagenet.export.folder import packer_settings
 
     for size in ("40", "72"):
         with open(os.path.join(packed_root, size, "pack.json")) as f:
@@ -121,10 +124,10 @@ def test_packer_chain_of_an_older_pack_json_is_guessed_with_a_warning(packed_roo
 def test_recorded_chain_reproduces_the_packed_pixels_after_packing_other_sizes_later(tmp_path):
     """40 80 packed together, then 40 120 (--force): the 40 px images now come from 120 px ones, not 80. The
     chain export records (pack.json's, not a guess from the root's folders) must give the sweep's exact input."""
-    from gluon_imagenet import packed
-    from gluon_imagenet.data import val_iterator
-    from gluon_imagenet.demo_data import generate
-    from gluon_imagenet.export import packer_settings
+    from gluon_imagenet.data import packed
+    from gluon_imagenet.data.demo import generate
+    from gluon_imagenet.data.iterators import val_iterator
+    from gluon_imagenet.export.folder import packer_settings
     from gluon_imagenet.predict import prepare, read_image
 
     src, root = str(tmp_path / "src"), str(tmp_path / "rec")
@@ -154,8 +157,8 @@ def test_recorded_chain_reproduces_the_packed_pixels_after_packing_other_sizes_l
 ])
 def test_prepare_matches_image_record_iter_pixel_for_pixel(shapes_tree, packed_root, data_dir, crop, crop_fraction):
     """predict's preprocessing of the original file == the sweep's input from the packed record, exactly."""
-    from gluon_imagenet.data import val_iterator
-    from gluon_imagenet.export import packer_settings
+    from gluon_imagenet.data.iterators import val_iterator
+    from gluon_imagenet.export.folder import packer_settings
     from gluon_imagenet.predict import prepare, read_image
 
     with open(os.path.join(packed_root, data_dir, "val.lst")) as f:
@@ -213,7 +216,7 @@ def test_export_errors_exit_2_and_write_nothing(single_run, tmp_path, case, mess
         (keep / "notes.txt").write_text("not a model")
         args += ["--out", str(keep)]
     before = sorted(os.listdir(tmp_path))
-    code, out, err = call(export.main, args)
+    code, out, err = call(export_cli.main, args)
     assert code == 2, out + err
     assert message in err
     assert not os.path.exists(os.path.join(run_dir, "export"))
@@ -227,10 +230,10 @@ def test_export_by_step_number_replaces_an_older_export(single_run, tmp_path):
     names = copy_run(single_run[1], run_dir, last=1)
     step = str(int(names[0].split("-")[1]))
     out = str(tmp_path / "model")
-    code, first, err = call(export.main, ["--run-dir", run_dir, "--checkpoint", step, "--out", out])
+    code, first, err = call(export_cli.main, ["--run-dir", run_dir, "--checkpoint", step, "--out", out])
     assert code == 0, err
     assert "not evaluated by a sweep" in first
-    code, again, err = call(export.main, ["--run-dir", run_dir, "--checkpoint", step, "--out", out])
+    code, again, err = call(export_cli.main, ["--run-dir", run_dir, "--checkpoint", step, "--out", out])
     assert code == 0, err
     assert f"replaced {out}" in again
     assert sorted(os.listdir(tmp_path)) == ["model", "run"]  # no .partial or .old folder left
@@ -332,8 +335,8 @@ def test_predict_command_imports_no_training_code(exported, shapes_tree):
     assert lines[0] == image and len(lines) == 3
     loaded = set(lines[-1].split()[1:])
     assert {"mxnet", "cv2"} <= loaded  # (run as __main__, predict itself is not listed under its name)
-    training = {f"gluon_imagenet.{m}" for m in ("model", "train", "data", "checkpoint", "recipe", "schedule", "dist",
-                                                "sweep_eval", "export")} | {"gluoncv"}
+    training = {f"gluon_imagenet.{m}" for m in ("model", "train", "data.iterators", "data.pack", "checkpoint", "recipe",
+                                                "schedule", "dist", "sweep_eval", "export")} | {"gluoncv"}
     assert not loaded & training
 
 
@@ -346,7 +349,7 @@ def test_predict_command_imports_no_training_code(exported, shapes_tree):
                                    "images": 70}}}), "result 'k' has step 'one', not a whole number"),
 ])
 def test_a_wrong_shaped_sweep_json_is_one_line(tmp_path, sweep_json, problem):
-    # Read by the sweep's own reader (sweep_results.read_results): one line, exit 2, the file left as it is.
+    # Read by the sweep's own reader (sweep_eval.results.read_results): one line, exit 2, the file left as it is.
     from gluon_imagenet.recipe import recipe_from_dict
     from gluon_imagenet.rundir import PlannedPhase, RunRecord
 
@@ -354,7 +357,7 @@ def test_a_wrong_shaped_sweep_json_is_one_line(tmp_path, sweep_json, problem):
     RunRecord(recipe=json.loads(json.dumps(recipe_from_dict(TWO_PHASES).to_dict())), classes=["a", "b"],
               phases=[PlannedPhase(0, 45, 15, 32, "40")]).write(run_dir)
     (tmp_path / "sweep.json").write_text(sweep_json)
-    code, out, err = call(export.main, ["--run-dir", run_dir, "--best"])
+    code, out, err = call(export_cli.main, ["--run-dir", run_dir, "--best"])
     assert code == 2 and out == "", out
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "sweep.json" in lines[0] and problem in lines[0], err
@@ -373,7 +376,7 @@ def rewrite_sweep(run_dir, change):
 
 @pytest.mark.parametrize("case", ["tie", "default top-5 target"])
 def test_the_sweep_and_export_best_name_the_same_checkpoint(swept_run, tmp_path, capsys, case):
-    from gluon_imagenet.sweep_eval import main as sweep_main
+    from gluon_imagenet.sweep_eval.cli import main as sweep_main
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(swept_run[0], run_dir, ignore=shutil.ignore_patterns("export"))
@@ -389,7 +392,7 @@ def test_the_sweep_and_export_best_name_the_same_checkpoint(swept_run, tmp_path,
     assert sweep_main(["--run-dir", run_dir, "--batch-size", "32", *target]) == 0  # reports, evaluates nothing
     said = capsys.readouterr().out
     named = said.split("the best is ")[1].split()[0]
-    code, out, err = call(export.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
+    code, out, err = call(export_cli.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
     assert code == 0, err
     with open(tmp_path / "model" / "provenance.json") as f:
         assert json.load(f)["checkpoint"] == named
@@ -412,7 +415,7 @@ def test_export_best_ranks_only_results_on_the_runs_data_of_existing_checkpoints
         data["ranked_by"] = "top1"
 
     rewrite_sweep(run_dir, add_others)
-    code, out, err = call(export.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
+    code, out, err = call(export_cli.main, ["--run-dir", run_dir, "--best", "--out", str(tmp_path / "model")])
     assert code == 0, err
     assert "on other data roots (/elsewhere/recordio)" in err and "no longer in" in err and "ckpt-00000999" in err
     with open(tmp_path / "model" / "provenance.json") as f:
@@ -437,17 +440,17 @@ def test_export_takes_the_newest_epoch_checkpoint_and_reports_a_pruned_one(singl
         record = json.load(f)
     with open(os.path.join(run_dir, mid + ".json"), "w") as f:
         json.dump(dict(record, step=106, epoch=5.25), f)
-    code, out, err = call(export.main, ["--run-dir", run_dir, "--out", str(tmp_path / "model")])
+    code, out, err = call(export_cli.main, ["--run-dir", run_dir, "--out", str(tmp_path / "model")])
     assert code == 0, err
     assert f"{newest} (step" in out and f"newer mid-epoch ones ({mid}) only when named" in out
-    ckpt = export.verified(run_dir, mid)
+    ckpt = export_choose.verified(run_dir, mid)
     os.remove(os.path.join(run_dir, mid + ".json"))  # retention: the record first, then the files
-    with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
-        export.verified(run_dir, mid)
+    with pytest.raises(export_choose.ExportError, match=f"{mid} was pruned by the trainer's retention"):
+        export_choose.verified(run_dir, mid)
     os.remove(os.path.join(run_dir, mid + ".params"))
-    run = export.read_run(run_dir)
-    with pytest.raises(export.ExportError, match=f"{mid} was pruned by the trainer's retention"):
-        export.write_folder(str(tmp_path), run, ckpt, 32, {}, {})
+    run = export_choose.read_run(run_dir)
+    with pytest.raises(export_choose.ExportError, match=f"{mid} was pruned by the trainer's retention"):
+        export_folder.write_folder(str(tmp_path), run, ckpt, 32, {}, {})
 
 
 # ------------------------------------------------------------------------------------------------ model.json

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 from gluon_imagenet import checkpoint
-from gluon_imagenet.recipe import RecipeError, recipe_from_dict
+from gluon_imagenet.recipe import recipe_from_dict
+from gluon_imagenet.recipe_fields import RecipeError
 
 PHASES = [{"epochs": [0, 1], "lr": [0.1, 0.0], "lr_method": "linear", "batch_size": 4, "image_size": 32,
            "data_dir": "40"}]
@@ -28,7 +29,7 @@ import mxnet as mx
 import mxnet.optimizer.optimizer as mx_optimizer
 from gluon_imagenet.devices import Device
 from gluon_imagenet.dist import Ranks
-from gluon_imagenet.learner import Learner
+from gluon_imagenet.train.learner import Learner
 
 loss_scale = sys.argv[1] if sys.argv[1] == "dynamic" else float(sys.argv[1])
 learner = Learner(model="resnet18_v1b", classes=4, device=Device("cpu"), ranks=Ranks(), seed=0, lr=0.1,
@@ -131,8 +132,9 @@ def test_exp_decay_to_zero_refused():
 
 @pytest.mark.slow
 def test_sgd_with_a_static_loss_scale_under_horovod(packed_root, tmp_path):
-    from conftest import TWO_PHASES, metrics, train_cmd, write_recipe
     from test_amp import horovod
+
+    from conftest import TWO_PHASES, metrics, train_cmd, write_recipe
 
     lever = dict(TWO_PHASES, reference_workers=2, optimizer="sgd", loss_scale=256, eval_image_size=32)
     lever["phases"] = [dict(TWO_PHASES["phases"][0], epochs=[0, 1])]

@@ -6,18 +6,19 @@ import re
 import numpy as np
 import onnx
 import pytest
+from test_export import call, copy_run, swept_run, val_images  # noqa: F401  (swept_run: a fixture)
 
 from conftest import run_tool
-from gluon_imagenet import export, predict
-from gluon_imagenet.onnx_export import OPSET, TOLERANCE
-from test_export import call, copy_run, swept_run, val_images  # noqa: F401  (swept_run: a fixture)
+from gluon_imagenet import predict
+from gluon_imagenet.export import cli as export_cli
+from gluon_imagenet.export.onnx_export import OPSET, TOLERANCE
 
 
 @pytest.fixture(scope="module")
 def onnx_exported(swept_run, tmp_path_factory):  # noqa: F811
     run_dir, rows = swept_run
     out = str(tmp_path_factory.mktemp("onnx") / "model")
-    code, stdout, err = call(export.main, ["--run-dir", run_dir, "--best", "--onnx", "--out", out])
+    code, stdout, err = call(export_cli.main, ["--run-dir", run_dir, "--best", "--onnx", "--out", out])
     assert code == 0, stdout + err
     best = max(rows, key=lambda r: (r["top1"], r["top5"], r["step"]))
     return out, best, stdout
@@ -71,7 +72,7 @@ def test_runtime_onnx_on_a_folder_without_onnx_exits_2(single_run, tmp_path):
     run_dir = str(tmp_path / "run")
     copy_run(single_run[1], run_dir, last=1)
     out = str(tmp_path / "model")
-    code, _, err = call(export.main, ["--run-dir", run_dir, "--out", out])
+    code, _, err = call(export_cli.main, ["--run-dir", run_dir, "--out", out])
     assert code == 0, err
     code, _, err = call(predict.main, [out, "x.jpg", "--runtime", "onnx"])
     assert code == 2 and "holds no ONNX model: export it again with --onnx" in err, err

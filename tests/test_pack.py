@@ -18,9 +18,14 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_tool
-from gluon_imagenet import pack
-from gluon_imagenet.demo_data import generate, make_image
-from gluon_imagenet.pack import check_packed_split, read_classes, read_index, read_meta, read_skipped, verify_split
+from gluon_imagenet.data import convert as pack_convert
+from gluon_imagenet.data import listing as pack_listing
+from gluon_imagenet.data import pack
+from gluon_imagenet.data.demo import generate, make_image
+from gluon_imagenet.data.pack import read_skipped
+from gluon_imagenet.data.packed import check_packed_split, read_classes, read_index, read_meta
+from gluon_imagenet.data.verify import verify_split
+from gluon_imagenet.train import cli as train_cli
 
 BAD = {  # file name -> skipped reason (None: converted and packed)
     "empty.jpg": "empty file",
@@ -208,10 +213,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
 
 def test_the_packer_writes_where_the_trainer_reads_by_default():
     """One default data root (packed.DEFAULT_DATA_ROOT) for `im2rec_multi.py SRC` and `train` without --data-root."""
-    from gluon_imagenet import packed, train
+    from gluon_imagenet.data import packed
 
     assert pack.parse_args(["src"]).root == packed.DEFAULT_DATA_ROOT == "recordio"
-    assert train.parse_args(["--recipe", "r.yaml", "--run-dir", "run"]).data_root == packed.DEFAULT_DATA_ROOT
+    assert train_cli.parse_args(["--recipe", "r.yaml", "--run-dir", "run"]).data_root == packed.DEFAULT_DATA_ROOT
 
 
 def test_pass_through_keeps_the_bytes(tmp_path):
@@ -500,7 +505,7 @@ def test_labels_file_read_exactly(flat_val, text):
     tmp_path, lines = flat_val
     labels = tmp_path / "labels.txt"
     labels.write_text(text.format(all="\n".join(lines), all_crlf="\r\n".join(lines)), encoding="utf-8", newline="")
-    items = pack.list_split(str(tmp_path / "src"), "val", ["disc", "star"], str(labels))
+    items = pack_listing.list_split(str(tmp_path / "src"), "val", ["disc", "star"], str(labels))
     assert [(i.path, i.label) for i in items] == [("val/v0.jpg", 0), ("val/v1.jpg", 0), ("val/v2.jpg", 1),
                                                    ("val/v3.jpg", 1)]
 
@@ -617,11 +622,11 @@ def test_opencv_failures_skip_the_image_when_checks_ahead_are_lifted(tmp_path, m
     # The up-front checks decide most cases; what is left to OpenCV must still only skip the one image.
     cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((20, 30000, 3), np.uint8))
     write_png_claiming(str(tmp_path / "bomb.png"), 40_000, 40_000)
-    monkeypatch.setattr(pack, lift, 10 ** 12)
+    monkeypatch.setattr(pack_convert, lift, 10 ** 12)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # and Pillow's own bomb check, which is ahead too
     name = {"JPEG_MAX_SIDE": "wide.png", "MAX_PIXELS": "bomb.png"}[lift]
-    monkeypatch.setattr(pack, "_settings", pack.Settings(str(tmp_path), (160,), 90, False))
-    payloads, why = pack.encode_item(pack.Item(name, 0))
+    monkeypatch.setattr(pack_convert, "_settings", pack_convert.Settings(str(tmp_path), (160,), 90, False))
+    payloads, why = pack_convert.encode_item(pack_listing.Item(name, 0))
     assert payloads is None and why.startswith(reason), why
     assert "\n" not in why
 
@@ -642,7 +647,7 @@ def val_payloads(root, size):
 
 @pytest.mark.parametrize("force", [False, True])
 def test_source_replaced_under_the_same_name_is_packed_again(tmp_path, force):
-    from gluon_imagenet import packed
+    from gluon_imagenet.data import packed
 
     src, root = tmp_path / "src", str(tmp_path / "rec")
     generate(str(src), train_per_class=3, val_per_class=2, seed=11, classes=("disc", "ring"), size=(48, 60))
@@ -671,7 +676,7 @@ def test_source_replaced_under_the_same_name_is_packed_again(tmp_path, force):
 def test_digest_is_of_the_bytes_mxnet_writes(tmp_path):
     """The packer writes the .rec itself (to hash it as it goes): byte for byte what MXNet's writer writes,
     including records it splits where the payload holds the magic number at a 4-byte boundary."""
-    from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
+    from gluon_imagenet.data.recordio import IndexedRecordWriter, image_record
 
     magic = struct.pack("<I", 0xCED7230A)
     rng = np.random.default_rng(13)

@@ -9,9 +9,10 @@ import sys
 import pytest
 import yaml
 
-from gluon_imagenet.packed import check_for
-from gluon_imagenet.recipe import EmaSettings, Recipe, RecipeError, load_recipe, recipe_from_dict
-from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
+from gluon_imagenet.data.packed import check_for
+from gluon_imagenet.data.recordio import IndexedRecordWriter, image_record
+from gluon_imagenet.recipe import EmaSettings, Recipe, load_recipe, recipe_from_dict
+from gluon_imagenet.recipe_fields import RecipeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = os.path.join(ROOT, "recipes", "imagenet104.yaml")
@@ -218,9 +219,9 @@ def trained_checkpoint(step, trained, **record):
 
 
 def resume_problem(ckpt, edited, run_facts=None, workers=1, model="resnet18_v1b", amp=None, run_record=None):
-    from gluon_imagenet.resume import ResumeRefused, check
     from gluon_imagenet.rundir import RunRecord
     from gluon_imagenet.schedule import make_plan
+    from gluon_imagenet.train.resume import ResumeRefused, check
 
     run_facts = run_facts or facts()
     plan = make_plan(recipe_from_dict(edited), run_facts["train_images"]["40"], workers)
@@ -325,9 +326,9 @@ def test_records_written_before_the_facts_were_recorded_compare_what_they_hold()
 
 
 def test_run_json_keeps_which_recipe_trained_which_steps():
-    from gluon_imagenet.resume import recipe_history as history_of
     from gluon_imagenet.rundir import RunRecord
     from gluon_imagenet.schedule import make_plan
+    from gluon_imagenet.train.resume import recipe_history as history_of
 
     def recipe_history(run_json: dict, ckpt, plan):  # run.json's content as RunRecord reads it
         return history_of(RunRecord.from_dict(run_json), ckpt, plan)

@@ -19,13 +19,18 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_tool
-from gluon_imagenet import checkpoint, locks, packed, retention, stops
+from gluon_imagenet import checkpoint, locks, retention, stops
+from gluon_imagenet.data import packed
 from gluon_imagenet.devices import Device
 from gluon_imagenet.model import build_model
 from gluon_imagenet.rundir import RunRecord, read_run
-from gluon_imagenet.sweep_eval import (Evaluator, ResultStore, Verifier, best_row, format_table, parse_args, plan_jobs,
-                                       plot, plot_data, time_to_accuracy, worker_main)
-from gluon_imagenet.sweep_eval import main as sweep_main
+from gluon_imagenet.sweep_eval.cli import main as sweep_main
+from gluon_imagenet.sweep_eval.cli import parse_args
+from gluon_imagenet.sweep_eval.evaluate import Evaluator, worker_main
+from gluon_imagenet.sweep_eval.plan import plan_jobs
+from gluon_imagenet.sweep_eval.report import best_row, format_table, plot, plot_data, time_to_accuracy
+from gluon_imagenet.sweep_eval.results import ResultStore
+from gluon_imagenet.sweep_eval.verify import Verifier
 
 
 @pytest.fixture(scope="module")
@@ -262,17 +267,17 @@ def test_the_sweep_names_the_best_top1_when_a_top1_target_is_asked(swept):
 
 # ------------------------------------------------------------------------------------------------ memory, device
 def test_a_worker_keeps_one_iterator_per_setting_and_resets_it(swept, packed_root, monkeypatch):
-    from gluon_imagenet import data
+    from gluon_imagenet.data import iterators
 
     run_dir, _ = swept
     created = []
-    real = data.val_iterator
+    real = iterators.val_iterator
 
     def counted(*args, **kwargs):  # the real iterator, counted
         created.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data, "val_iterator", counted)
+    monkeypatch.setattr(iterators, "val_iterator", counted)
     args = parse_args(["--run-dir", run_dir, "--data-root", packed_root, "--batch-size", "16"])
     jobs, _, _ = plan_jobs(args, read_run(run_dir), packed_root)
     evaluator = Evaluator(Device("cpu"), threads=1)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 
 from conftest import TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
-from gluon_imagenet.progress import StepRecord
-from gluon_imagenet.schedule import make_plan
 from gluon_imagenet.recipe import load_recipe
+from gluon_imagenet.schedule import make_plan
 from gluon_imagenet.tensorboard import TrainingBoard, read_events, read_scalars
+from gluon_imagenet.train.progress import StepRecord
 
 
 def test_training_curves_match_the_log(single_run):

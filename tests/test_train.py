@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-
 from conftest import ROOT, TWO_PHASES, metrics, run_tool, train_cmd, write_recipe
 from gluon_imagenet import checkpoint
 from gluon_imagenet.devices import cpu_supports_bfloat16
 from gluon_imagenet.recipe import load_recipe
 from gluon_imagenet.schedule import lr_at, make_plan
+
 
 def test_single_process_loss_falls(single_run):
     _, run_dir, _ = single_run
@@ -100,7 +100,7 @@ def test_damaged_newest_checkpoint_falls_back(single_run, packed_root, tmp_path)
 
 @pytest.mark.slow
 def test_horovod_two_ranks_uneven_data(tmp_path):
-    from gluon_imagenet.demo_data import generate
+    from gluon_imagenet.data.demo import generate
 
     generate(str(tmp_path / "src"), train_per_class=23, val_per_class=2, seed=8, classes=("disc", "ring", "star"))
     proc = run_tool(["tools/im2rec_multi.py", str(tmp_path / "src"), "--root", str(tmp_path / "rec"), "--sizes",
@@ -201,7 +201,7 @@ def copy_run_until(run_dir, step, to):
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     """3 classes, 21 training images: other classes than the shapes, and fewer images than a batch of 32."""
-    from gluon_imagenet.demo_data import generate
+    from gluon_imagenet.data.demo import generate
 
     folder = tmp_path_factory.mktemp("tiny")
     generate(str(folder / "src"), train_per_class=7, val_per_class=1, seed=3, classes=("disc", "ring", "star"))

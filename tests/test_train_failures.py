@@ -132,7 +132,7 @@ def test_mid_epoch_checkpoints_are_pruned_epoch_ones_kept(checkpointed_run):
                          ids=["phase boundary", "epoch boundary", "mid-epoch"])
 def test_which_resumes_reproduce_the_uninterrupted_run(single_run, checkpointed_run, packed_root, tmp_path,
                                                        resume_at, exact):
-    """What README.md says: a resume at a phase boundary replays the uninterrupted run exactly; one inside a
+    """What docs/run-folder.md says: a resume at a phase boundary replays the uninterrupted run exactly; one inside a
     phase continues the schedule exactly (steps, lr, epochs, phases) with a new order of images."""
     recipe, reference_dir, reference_out = single_run
     run_dir = str(tmp_path / "run")

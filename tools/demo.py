@@ -60,7 +60,7 @@ def main():
     seconds = {}
     if not os.path.isdir(os.path.join(images, "val")):
         seconds["generate"] = step("1/5 generate a small dataset in the ImageNet layout", [
-            python, "-m", "gluon_imagenet.demo_data", images, "--train-per-class", str(a.train_per_class),
+            python, "-m", "gluon_imagenet.data.demo", images, "--train-per-class", str(a.train_per_class),
             "--val-per-class", str(a.val_per_class)])
     seconds["pack"] = step("2/5 pack it into RecordIO at two sizes", [
         python, "tools/im2rec_multi.py", images, "--root", recordio, "--sizes", *a.sizes])

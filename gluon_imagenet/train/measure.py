@@ -6,9 +6,9 @@ import time
 
 import mxnet as mx
 
-from gluon_imagenet.data import BatchStream
-from gluon_imagenet.learner import Learner
-from gluon_imagenet.loop import RunOptions, phase_iterator
+from gluon_imagenet.data.iterators import BatchStream
+from gluon_imagenet.train.learner import Learner
+from gluon_imagenet.train.loop import RunOptions, phase_iterator
 
 
 def measure(setup, ranks, *, synthetic: bool, steps: int, model: str, seed: int, data_root: str) -> None:

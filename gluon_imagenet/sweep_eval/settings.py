@@ -9,7 +9,6 @@ parameter names as `.params`, BatchNorm running statistics included), listed in 
 from __future__ import annotations
 
 import math
-import os
 
 from gluon_imagenet import checkpoint
 

@@ -1,6 +1,6 @@
 """A small learnable image dataset in the ImageNet layout, drawn procedurally (no download).
 
-    python -m gluon_imagenet.demo_data OUT --train-per-class 120 --val-per-class 30
+    python -m gluon_imagenet.data.demo OUT --train-per-class 120 --val-per-class 30
 
 Ten classes of shapes (disc, square, triangle, cross, ring, star, bars, grid, ellipse, diamond), each drawn at a
 random position, scale, rotation and colour over a random textured background, saved as JPEGs of a few hundred
@@ -107,7 +107,7 @@ def generate(out: str, train_per_class: int, val_per_class: int, seed: int = 0, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gluon_imagenet.demo_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m gluon_imagenet.data.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--train-per-class", type=int, default=120)

@@ -28,307 +28,26 @@ the lock released); a worker killed by the kernel ends it with one error line (e
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
-import io
 import json
 import os
 import random
 import sys
 import time
-import warnings
-from dataclasses import dataclass
-
-import cv2
-from PIL import Image
 
 from gluon_imagenet import locks, stops
+from gluon_imagenet.data.convert import Settings, encode_indexed, init_worker
+from gluon_imagenet.data.listing import Item, find_classes, list_split
+from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT, PACK_LOCK, PackError, read_classes, read_meta
+from gluon_imagenet.data.pool import WorkerDied, ordered_map
+from gluon_imagenet.data.recordio import IndexedRecordWriter, image_record
+from gluon_imagenet.data.verify import verify_root, verify_split
 from gluon_imagenet.files import atomic_open, make_writable_dir
-from gluon_imagenet.images import decode, encode_jpeg, resized_through, short_side_shape  # the chain predict.py runs too
-from gluon_imagenet.pack_pool import WorkerDied, ordered_map
-# The checks of packed data, part of this module's API (the tests import them from here).
-from gluon_imagenet.pack_verify import verify_root, verify_split  # noqa: F401
-from gluon_imagenet.packed import (  # noqa: F401 (part of this module's API)
-    DEFAULT_DATA_ROOT, PACK_LOCK, PackError, check_packed_split, read_classes, read_index, read_meta)
-from gluon_imagenet.recordio_writer import IndexedRecordWriter, image_record
 
 SPLITS = ("train", "val")
+
+
 LOCK_NAME = PACK_LOCK  # in the data root: one packer at a time, and none while a trainer reads it
-# libjpeg(-turbo)'s JPEG_MAX_DIMENSION: OpenCV refuses to encode a wider or taller JPEG ("Maximum supported image
-# dimension is 65500 pixels"), below the format's own 65535.
-JPEG_MAX_SIDE = 65500
-# Pillow's own decompression-bomb refusal threshold (2 x Image.MAX_IMAGE_PIXELS): about 540 MB once decoded to
-# 8-bit BGR, per worker. Larger images are skipped before decoding, not left to exhaust memory.
-MAX_PIXELS = 178_956_970
-# Characters that break a line-based output: classes.txt, the .lst (tab-separated) and the skipped report.
-_LINE_BREAKERS = ("\n", "\r", "\t")
-
-
-@dataclass(frozen=True)
-class Item:
-    path: str  # relative to SRC
-    label: int
-    # (size, mtime_ns) of the source file when listed, () when it cannot be stat'ed: part of the split's key, so
-    # that a file replaced under the same name is packed again.
-    stamp: tuple = ()
-    skip: str = ""  # a reason to skip it found while listing (e.g. a file outside any class folder)
-
-
-@dataclass(frozen=True)
-class Settings:
-    src: str
-    sizes: tuple[int, ...]
-    quality: int
-    pass_through: bool
-
-
-# ---------------------------------------------------------------------------------------------- listing
-def find_classes(src: str) -> list[str]:
-    train = os.path.join(src, "train")
-    if not os.path.isdir(train):
-        raise PackError(f"{train!r} does not exist: SRC must hold train/<class>/ folders (and val/)")
-    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
-    if not classes:
-        raise PackError(f"{train!r} has no class folders: expected train/<class>/<image files>")
-    for name in classes:
-        # classes.txt holds one `index<TAB>name` per line, and every .lst line holds the class folder in its
-        # tab-separated path: a name with a line break or tab would shift every label read back from them.
-        if any(c in name for c in _LINE_BREAKERS):
-            raise PackError(f"class folder {os.path.join(train, name)!r} has a tab or line break in its name, which "
-                            "classes.txt and the .lst cannot hold: rename the folder")
-        if not _is_utf8(name):
-            raise PackError(f"class folder {os.path.join(train, name)!r} has a name that is not valid UTF-8 (the "
-                            "encoding of classes.txt): rename the folder")
-    return classes
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a file name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _files_under(folder: str) -> list[str]:
-    """The files of a folder, sorted, hidden ones left out. A symbolic link that leads nowhere (dangling, or a
-    loop) is listed too, so that it is counted and reported as skipped rather than silently dropped."""
-    names = []
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if not name.startswith(".") and (os.path.isfile(path) or os.path.islink(path) and not os.path.exists(path)):
-            names.append(name)
-    return sorted(names)
-
-
-def _stamp(path: str) -> tuple:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return ()  # dangling link, vanished, unreadable folder: encode_item reports why
-    return (st.st_size, st.st_mtime_ns)
-
-
-def _item(src: str, path: str, label: int, skip: str = "") -> Item:
-    return Item(path, label, _stamp(os.path.join(src, path)), skip)
-
-
-def _cannot_pack_unread(item: Item) -> str:
-    """Why the file cannot be packed, from its name and stat alone (no reading), or ""."""
-    if any(c in item.path for c in _LINE_BREAKERS):
-        return "file name holds a tab or line break, which the .lst cannot hold: rename the file"
-    if not _is_utf8(item.path):
-        return "file name is not valid UTF-8 (the encoding of the .lst): rename the file"
-    if item.stamp and item.stamp[0] == 0:
-        return "empty file"
-    return item.skip
-
-
-NOT_IN_A_CLASS_FOLDER = "not in a class folder"
-
-
-def list_split(src: str, split: str, classes: list[str], val_labels: str | None = None) -> list[Item]:
-    """Every file of the split with its label, sorted by path. Files directly in the split's folder are listed
-    to be skipped (not in a class folder); a class folder with nothing packable in it is refused."""
-    folder = os.path.join(src, split)
-    if not os.path.isdir(folder):
-        raise PackError(f"{folder!r} does not exist; pack only the other split with --splits")
-    if split == "val" and val_labels:
-        return _list_flat(src, folder, classes, val_labels)
-    index = {c: i for i, c in enumerate(classes)}
-    items, class_folders = [], 0
-    for name in sorted(os.listdir(folder)):
-        if not os.path.isdir(os.path.join(folder, name)):
-            continue
-        if name not in index:
-            raise PackError(f"{os.path.join(folder, name)!r}: class {name!r} is not among the train classes")
-        class_folders += 1
-        found = [_item(src, os.path.join(split, name, f), index[name])
-                 for f in _files_under(os.path.join(folder, name))]
-        if all(_cannot_pack_unread(item) for item in found):
-            # It would become an output class that nothing trains (or a class nothing evaluates).
-            what = (f"holds {len(found)} file(s), none packable (empty, or a name the .lst cannot hold)" if found
-                    else "holds no image files (hidden files are not packed)")
-            raise PackError(f"class folder {os.path.join(folder, name)!r} {what}: add its images or remove the "
-                            "folder")
-        items += found
-    if not class_folders:
-        raise PackError(f"{folder!r} holds no files in class folders (for a flat val/ folder pass --val-labels)")
-    stray = [_item(src, os.path.join(split, f), -1, NOT_IN_A_CLASS_FOLDER) for f in _files_under(folder)]
-    return sorted(items + stray, key=lambda item: item.path)
-
-
-def _list_flat(src: str, folder: str, classes: list[str], labels_file: str) -> list[Item]:
-    """The flat val/ folder labelled by its labels file. The file must be exact: a file name given two different
-    labels, or a label for a file that is not in val/, is refused (either means the labels file and the folder do
-    not belong together, and a guess would train or evaluate on wrong labels). A file name repeated with the same
-    label (as a class name or as its index) is accepted: it says nothing new and nothing wrong."""
-    files = _files_under(folder)
-    if not files:
-        raise PackError(f"{folder!r} holds no files")
-    present = set(files)
-    index = {c: i for i, c in enumerate(classes)}
-    labels, where, missing = {}, {}, []
-    try:
-        # utf-8-sig: a byte-order mark written by some editors would otherwise glue itself to the first file name.
-        with open(labels_file, encoding="utf-8-sig") as f:
-            lines = list(f)
-    except UnicodeDecodeError as e:
-        raise PackError(f"--val-labels {labels_file!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
-                        "UTF-8") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise PackError(f"{labels_file}:{number}: expected `filename label`, got {line.strip()!r}")
-        name, label = parts
-        if label in index:
-            value = index[label]
-        elif label.isdigit() and int(label) < len(classes):
-            value = int(label)
-        else:
-            raise PackError(f"{labels_file}:{number}: label {label!r} is neither a class folder name nor an "
-                            f"index below {len(classes)}")
-        if name in labels and labels[name] != value:
-            raise PackError(f"{labels_file}:{number}: {name!r} is labelled {label!r} ({classes[value]}) here but "
-                            f"{classes[labels[name]]!r} on line {where[name]}: give each file one label")
-        if name not in present:
-            missing.append((number, name))
-        labels.setdefault(name, value)
-        where.setdefault(name, number)
-    if missing:
-        number, name = missing[0]
-        hidden = " (hidden files and folders are not packed)" if os.path.lexists(os.path.join(folder, name)) else ""
-        more = f" (and {len(missing) - 1} more lines name files that are not there)" if len(missing) > 1 else ""
-        raise PackError(f"{labels_file}:{number}: {name!r} is not a file in {folder!r}{hidden}{more}: is this the "
-                        "labels file of this validation folder? Remove the lines of files that are gone, or restore "
-                        "them")
-    # A file with no label is reported as skipped, not silently dropped: label -1 marks it.
-    return [_item(src, os.path.join("val", f), labels.get(f, -1)) for f in files]
-
-
-# ---------------------------------------------------------------------------------------------- one image
-_settings: Settings | None = None
-
-
-def _init_worker(settings: Settings) -> None:
-    global _settings
-    _settings = settings
-    cv2.setNumThreads(1)  # one process per core already
-
-
-def encode_item(item: Item) -> tuple[dict[int, bytes] | None, str]:
-    """Read and decode one image once; return ({size: record payload}, "") or (None, reason to skip).
-
-    Never raises for a bad image: whatever goes wrong with one file (OpenCV errors, a failed encoding, memory
-    for an absurd size) skips that file with the reason, as one exception escaping a worker would end the split.
-    """
-    s = _settings
-    if item.skip:
-        return None, item.skip
-    if any(c in item.path for c in _LINE_BREAKERS):
-        return None, "file name holds a tab or line break, which the .lst cannot hold: rename the file"
-    if not _is_utf8(item.path):
-        return None, "file name is not valid UTF-8 (the encoding of the .lst): rename the file"
-    if item.label < 0:
-        return None, "no label in the validation labels file"
-    path = os.path.join(s.src, item.path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return None, _unreadable(path, e)
-    except MemoryError:
-        return None, "too large to read into memory"
-    if not data:
-        return None, "empty file"
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
-        return None, "truncated JPEG (no end-of-image marker)"
-    too_large = _too_many_pixels(data)
-    if too_large:
-        return None, too_large
-    try:
-        return _convert(data, s)
-    except (cv2.error, MemoryError, OSError, ValueError, RuntimeError, OverflowError) as e:
-        # Not a bug of ours (those still end the run, loudly) but a file OpenCV cannot handle.
-        return None, f"failed to convert: {type(e).__name__}: {' '.join(str(e).split()) or 'no message'}"
-
-
-def _convert(data: bytes, s: Settings) -> tuple[dict[int, bytes] | None, str]:
-    image = decode(data)
-    if image is None:
-        return None, "not a decodable image"
-    h, w = image.shape[:2]
-    if s.pass_through:
-        (size,) = s.sizes
-        if min(h, w) != size:
-            # Recorded as packed at `size`, it would pass the recipe's crop checks and be read at another size.
-            return None, (f"{w}x{h} px: short side {min(h, w)}, not the {size} given to --pass-through --sizes "
-                          "(resize it, or pack without --pass-through)")
-        return {size: data}, ""
-    for size in s.sizes:
-        # Decided before resizing: the resize itself would succeed (and take gigabytes), only the encoding fails.
-        new_h, new_w = short_side_shape(h, w, size)
-        if max(new_h, new_w) > JPEG_MAX_SIDE:
-            return None, (f"{w}x{h} px: resized to short side {size} it would be {new_w}x{new_h} px, beyond JPEG's "
-                          f"limit of {JPEG_MAX_SIDE} px per side")
-    # Largest size first, each smaller one from the previous result (images.resized_through says why).
-    return {size: encode_jpeg(resized, s.quality)
-            for size, resized in resized_through(image, sorted(s.sizes, reverse=True))}, ""
-
-
-def _unreadable(path: str, error: OSError) -> str:
-    # A symbolic link that leads nowhere is a listing mistake to fix at its source, so it gets a reason of its
-    # own rather than the bare "No such file or directory" of a file that vanished.
-    if error.errno == errno.ELOOP:
-        return "symbolic link loop"
-    if error.errno == errno.ENOENT and os.path.islink(path):
-        return f"dangling symbolic link (to {os.readlink(path)!r})"
-    return f"unreadable: {error.strerror}"
-
-
-def _too_many_pixels(data: bytes) -> str:
-    """Why the image is too large to decode safely (read from its header by Pillow, no decoding), or "".
-    Measured 0.3 ms for a 375x500 JPEG: about 3% of decoding, resizing and encoding it at two sizes."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns above half its limit; our limit is the one that counts
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-    except Image.DecompressionBombError as e:
-        return f"too large to decode safely ({e})"
-    except Exception:  # noqa: BLE001 - a header Pillow cannot read: OpenCV decides (and may refuse) below
-        return ""
-    if width * height > MAX_PIXELS:
-        return f"too large to decode safely: {width}x{height} px, over {MAX_PIXELS:,} px"
-    return ""
-
-
-def _encode_indexed(args: tuple[int, Item]):
-    position, item = args
-    return position, encode_item(item)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -445,6 +164,8 @@ def pack_split(split: str, items: list[Item], classes: list[str], settings: Sett
 
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 
 
@@ -491,7 +212,7 @@ def _run_pool(items: list[Item], settings: Settings, processes: int, what: str):
 
     bar = tqdm(total=len(items), desc=what, unit="img", file=sys.stderr, mininterval=2.0, smoothing=0.1)
     try:
-        for position, result in ordered_map(_encode_indexed, enumerate(items), processes, _init_worker, (settings,)):
+        for position, result in ordered_map(encode_indexed, enumerate(items), processes, init_worker, (settings,)):
             bar.update()
             yield items[position], result
     finally:

@@ -1,14 +1,14 @@
 """Checking packed RecordIO without MXNet: verify_split reads every record's header (`im2rec_multi.py
 --verify`); packed.check_packed_split, its cheap sibling for the trainer, only a few bytes. Both follow dmlc-core's
-format (see recordio_writer.py) through packed.walk_record: a truncated, appended-to or interleaved .rec/.idx
+format (see recordio.py) through packed.walk_record: a truncated, appended-to or interleaved .rec/.idx
 fails, so a re-run packs it again.
 """
 from __future__ import annotations
 
 import os
 
-from gluon_imagenet.packed import DamagedRecord, read_classes, read_index, read_meta, walk_record
-from gluon_imagenet.recordio_writer import IRHEADER
+from gluon_imagenet.data.packed import DamagedRecord, read_classes, read_index, read_meta, walk_record
+from gluon_imagenet.data.recordio import IRHEADER
 
 
 def verify_split(folder: str, split: str, entry: dict, num_classes: int) -> list[str]:

@@ -11,7 +11,7 @@ memory (getrusage ru_maxrss), against the host's available memory shared by the 
 process per probe, since a process's peak never goes down. GLUON_IMAGENET_MEMORY_BUDGET (bytes, or with a K/M/G
 suffix) replaces what the device has: the real probe against a smaller budget (tests; or to keep headroom).
 
-    python -m gluon_imagenet.memory_probe '{"model": ..., "batch_size": ..., ...}'   # one probe: one JSON line
+    python -m gluon_imagenet.train.memory_probe '{"model": ..., "batch_size": ..., ...}'   # one probe: one JSON line
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def measure(probe: Probe) -> dict:
 
     import mxnet as mx
 
-    from gluon_imagenet.probes import device_from_spec, make_learner, random_batch
+    from gluon_imagenet.train.probes import device_from_spec, make_learner, random_batch
 
     device = device_from_spec(probe.device)
     learner = make_learner(probe.model, probe.classes, device, probe.amp_dtype, probe.image_size,
@@ -86,9 +86,9 @@ def measure(probe: Probe) -> dict:
 
 def measure_in_child(probe: Probe, timeout: float = PROBE_TIMEOUT_SECONDS) -> tuple[int | None, str]:
     """(peak bytes, "") or (None, why the probe failed); an out-of-memory failure is (None, "out of memory: ...")."""
-    from gluon_imagenet.probes import start_child, wait_child
+    from gluon_imagenet.train.probes import start_child, wait_child
 
-    child = wait_child(start_child(["-m", "gluon_imagenet.memory_probe", json.dumps(asdict(probe))]), timeout)
+    child = wait_child(start_child(["-m", "gluon_imagenet.train.memory_probe", json.dumps(asdict(probe))]), timeout)
     result = child.last_json()
     if child.returncode == 0 and result is not None:
         return int(result["peak"]), ""
@@ -201,7 +201,7 @@ def refusal(fits: list[PhaseFit]) -> str:
 
 def check_memory(recipe, model: str, classes: int, gpus, amp: bool, ranks: int) -> list:
     """The doctor's lines: one per phase, probed on GPU 0 (or the CPU)."""
-    from gluon_imagenet.probes import Result
+    from gluon_imagenet.train.probes import Result
 
     device = "gpu:0" if gpus else "cpu"
     amp_dtype = "float16" if gpus and amp else None

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 
 from gluon_imagenet import best
-from gluon_imagenet.eval_settings import describe_setting, is_default
+from gluon_imagenet.rundir import RunRecord
+from gluon_imagenet.sweep_eval.jobs import Job
+from gluon_imagenet.sweep_eval.plan import SweepError
+from gluon_imagenet.sweep_eval.results import ResultStore
+from gluon_imagenet.sweep_eval.settings import describe_setting, is_default
 
 SEED_TARGET_TOP5 = 0.93  # the seed's goal when no target is given
 # With top-5 meaningless (5 classes or fewer) the default target is top-1: ResNet-50's published top-1 at the
@@ -190,3 +194,63 @@ def plot(data: dict, path: str) -> None:
     fig.savefig(temp, dpi=100)
     plt.close(fig)
     os.replace(temp, path)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def targets_for(args, classes: int) -> tuple[float | None, float | None]:
+    """The targets to report on; a top-5 target with 5 classes or fewer is refused (any network reaches it), and
+    the default target is then top-1 (said so)."""
+    if best.top5_meaningful(classes):
+        return resolve_targets(args.target_top5, args.target_top1)
+    if args.target_top5 is not None:
+        raise SweepError(f"--target-top5 {args.target_top5:g}: the run has {classes} classes, so top-5 is 100% for "
+                         "any network and the target means nothing; give --target-top1 instead")
+    targets = resolve_targets(None, args.target_top1, classes)
+    if args.target_top1 is None:
+        print(f"with {classes} classes top-5 is 100% for any network: the target is top-1 >= {targets[1]:.2%} "
+              "(choose one with --target-top1)")
+    return targets
+
+
+def accuracies(row: dict, top5_meaningful: bool) -> str:
+    top5 = f"{row['top5']:.2%}" if top5_meaningful else "n/a"
+    return f"top-1 {row['top1']:.2%}, top-5 {top5}"
+
+
+def report(args, run: RunRecord, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
+    """The table (per checkpoint: the default setting and the best one), the time to the targets of both, the
+    best result, sweep.png."""
+    rows = store.rows(k for j in jobs for k in j.keys)
+    if not rows:
+        return
+    top5_meaningful = best.top5_meaningful(len(run.classes or []))
+    metric = ranking_metric(*targets)
+    print(format_table(rows, top5_meaningful, metric))
+    wanted = describe_target(*targets)
+    store.set_ranked_by(metric)  # export --best ranks as this report does
+    several = any(not is_default(r) for r in rows)
+    series = [("default setting (x1 raw, no flip)", [r for r in rows if is_default(r)]),
+              ("best setting per checkpoint", rows)] if several else [("", rows)]
+    for label, chosen_rows in series:
+        hit = time_to_accuracy(chosen_rows, *targets)
+        of = f" ({label})" if label else ""
+        if hit:
+            setting = f", setting {describe_setting(hit)}" if several else ""
+            print(f"time to {wanted}{of}: {hit['train_seconds']:.1f} s of training ({hit['wall_seconds']:.1f} s "
+                  f"wall), step {hit['step']}, epoch {hit['epoch']:.2f}, {hit['checkpoint']}{setting} "
+                  f"({accuracies(hit, top5_meaningful)})")
+        elif label and chosen_rows:
+            print(f"time to {wanted}{of}: not reached")
+    if not time_to_accuracy(rows, *targets):
+        chosen = best_row(rows, *targets)
+        setting = f"setting {describe_setting(chosen)}, " if several else ""
+        print(f"no checkpoint reached {wanted}: the best is {chosen['checkpoint']} "
+              f"({setting}{accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
+    elif several:
+        chosen = best_row(rows, *targets)
+        print(f"the best result: {chosen['checkpoint']} with setting {describe_setting(chosen)} "
+              f"({accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
+    png = os.path.join(args.run_dir, "sweep.png")
+    plot(plot_data(rows, run, targets, f"{args.run_dir}: {args.size_policy} size policy, center crop "
+                   f"{args.crop_fraction:g}", top5_meaningful), png)
+    print(f"results: {store.csv_path}, {store.json_path}, {png}")

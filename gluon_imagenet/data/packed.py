@@ -13,8 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from gluon_imagenet.recordio_writer import IRHEADER, RECORD_MAGIC
-
+from gluon_imagenet.data.recordio import IRHEADER, RECORD_MAGIC
 
 # The data root a command uses when it is given none: where the packer writes and the trainer reads by default.
 DEFAULT_DATA_ROOT = "recordio"

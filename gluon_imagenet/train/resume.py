@@ -11,8 +11,9 @@ run.json keeps the history of recipes ("recipes": which digest trained from whic
 """
 from __future__ import annotations
 
-from gluon_imagenet.packed import data_identity, packed_count
-from gluon_imagenet.recipe import RecipeError, recipe_from_dict, resume_edit_problem
+from gluon_imagenet.data.packed import data_identity, packed_count
+from gluon_imagenet.recipe import recipe_from_dict, resume_edit_problem
+from gluon_imagenet.recipe_fields import RecipeError
 from gluon_imagenet.rundir import RunRecord
 from gluon_imagenet.schedule import PlanError, make_plan
 

@@ -1,5 +1,5 @@
 """The one chain an image goes through on its way into packed data: decoded by OpenCV, its short side resized
-through the packed sizes (largest first, each from the previous result), JPEG-encoded. The packer (pack.py)
+through the packed sizes (largest first, each from the previous result), JPEG-encoded. The packer (data/pack.py)
 writes what it makes; predict.py runs the same chain on a photo (and decodes the JPEG again), so a prediction
 sees the image distribution the network was trained and evaluated on, pixel for pixel.
 

@@ -113,7 +113,7 @@ def make_learner(model: str, classes: int, device, amp_dtype: str | None, image_
                  ema=None):
     """The trainer's Learner for one process (no Horovod): the optimizer and AMP set-up training uses."""
     from gluon_imagenet.dist import Ranks
-    from gluon_imagenet.learner import Learner
+    from gluon_imagenet.train.learner import Learner
 
     return Learner(model=model, classes=classes, device=device, ranks=Ranks(), seed=0, lr=lr, momentum=momentum,
                    weight_decay=weight_decay, label_smoothing=label_smoothing, first_image_size=image_size,
@@ -201,10 +201,10 @@ def compare_learners(saved, loaded) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m gluon_imagenet.probes step DEVICE MODEL AMP(0/1): one JSON line."""
+    """python -m gluon_imagenet.train.probes step DEVICE MODEL AMP(0/1): one JSON line."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 4 or argv[0] != "step":
-        print("usage: python -m gluon_imagenet.probes step DEVICE MODEL 0|1", file=sys.stderr)
+        print("usage: python -m gluon_imagenet.train.probes step DEVICE MODEL 0|1", file=sys.stderr)
         return 2
     print(json.dumps(training_step_probe(argv[1], argv[2], argv[3] == "1")), flush=True)
     return 0

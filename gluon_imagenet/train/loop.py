@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import mxnet as mx
 
 from gluon_imagenet import checkpoint
-from gluon_imagenet.data import Augmentation, BatchStream, Shard, train_iterator
-from gluon_imagenet.progress import ProgressLog, StepRecord
+from gluon_imagenet.data.iterators import Augmentation, BatchStream, Shard, train_iterator
 from gluon_imagenet.schedule import PhasePlan, Plan, epoch_at, epochs_done, images_at, lr_at, phase_at
+from gluon_imagenet.train.progress import ProgressLog, StepRecord
 
 
 class Diverged(Exception):

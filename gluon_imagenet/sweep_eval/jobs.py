@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from gluon_imagenet.eval_settings import EMA_EXT
+from gluon_imagenet.sweep_eval.settings import EMA_EXT
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The preflight: python -m gluon_imagenet.doctor (doctor/cli.py)."""

@@ -1,0 +1,1 @@
+"""The model folder: python -m gluon_imagenet.export (export/cli.py)."""

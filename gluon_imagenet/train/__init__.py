@@ -1,0 +1,1 @@
+"""The training stage: python -m gluon_imagenet.train (train/cli.py)."""

@@ -224,7 +224,7 @@ def predict(net, meta: dict, paths: list[str], top: int, ctx: mx.Context | None 
 
 
 def scores(net, batch: np.ndarray, ctx: mx.Context) -> np.ndarray:
-    """The network's scores for a uint8 batch: MXNet's SymbolBlock, or onnx_export.OnnxClassifier (numpy in and out)."""
+    """The network's scores for a uint8 batch: MXNet's SymbolBlock, or onnx_runtime.OnnxClassifier (numpy in and out)."""
     if isinstance(net, mx.gluon.Block):
         return net(mx.nd.array(batch, ctx=ctx, dtype="uint8")).asnumpy()
     return net(batch)
@@ -232,7 +232,7 @@ def scores(net, batch: np.ndarray, ctx: mx.Context) -> np.ndarray:
 
 def load_onnx(model_dir: str):
     """(onnxruntime classifier, model.json contents) for --runtime onnx."""
-    from gluon_imagenet.export.onnx_export import OnnxClassifier, OnnxUnavailable, import_runtime
+    from gluon_imagenet.onnx_runtime import OnnxClassifier, OnnxUnavailable, import_runtime
 
     meta = read_model_json(model_dir)
     entry = meta.get("onnx")

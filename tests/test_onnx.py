@@ -3,7 +3,6 @@ import json
 import os
 import re
 
-import numpy as np
 import onnx
 import pytest
 from test_export import call, copy_run, swept_run, val_images  # noqa: F401  (swept_run: a fixture)

@@ -1,5 +1,4 @@
 """stops.clean_stop: SIGINT and SIGTERM end a command with one line and exit 128 + signal, finally blocks run."""
-import os
 import signal
 import subprocess
 import sys

@@ -12,6 +12,10 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
+# Centre crop / resized short side of an evaluation: the sweep's --crop-fraction default, the validation
+# iterator's, and what export assumes for results written before the sweep recorded it.
+DEFAULT_CROP_FRACTION = 0.875
+
 
 def decode(data: bytes) -> np.ndarray | None:
     """An encoded image as 8-bit 3-channel BGR (IMREAD_COLOR turns grayscale, palette, CMYK, alpha and 16-bit

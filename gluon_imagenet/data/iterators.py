@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import mxnet as mx
 
+from gluon_imagenet.data.images import DEFAULT_CROP_FRACTION
 from gluon_imagenet.data.packed import PackError, packed_count, read_classes, split_paths
 from gluon_imagenet.recipe import Recipe
-from gluon_imagenet.sweep_eval.settings import DEFAULT_CROP_FRACTION
 
 # ImageNet channel statistics, RGB, 0-255 scale: applied on the device by the model's input block.
 MEAN_RGB = (123.68, 116.779, 103.939)

@@ -6,7 +6,6 @@ import shutil
 import sys
 
 from gluon_imagenet.doctor.gpus import GPU
-from gluon_imagenet.names import MODELS  # importable without MXNet: the doctor must start when MXNet does not
 from gluon_imagenet.train.probes import Result
 
 # Measured on this project's CPU machine (one decode thread): ~400-770 img/s at 224 px.

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from gluon_imagenet.names import MODELS  # importable without MXNet: the doctor must start when MXNet does not
 from gluon_imagenet.train.probes import Result
 
 # pip's mxnet-cu* 1.9.1 wheels carry machine code for these GPU architectures and no PTX (measured on mxnet-cu117,

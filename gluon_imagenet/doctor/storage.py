@@ -5,7 +5,6 @@ import os
 import shutil
 from typing import Callable
 
-from gluon_imagenet.names import MODELS  # importable without MXNet: the doctor must start when MXNet does not
 from gluon_imagenet.train.probes import Result
 
 # Checkpoint files hold float32 values: parameters (network) + one momentum buffer per trainable parameter (NAG).

@@ -58,7 +58,8 @@ def export(args) -> str:
     ckpt = verified(args.run_dir, name)
     out = out_dir_for(args, name)
     if args.onnx:
-        from gluon_imagenet.export.onnx_export import OnnxUnavailable, check_available
+        from gluon_imagenet.export.onnx_export import check_available
+        from gluon_imagenet.onnx_runtime import OnnxUnavailable
 
         try:
             check_available()

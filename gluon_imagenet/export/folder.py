@@ -8,10 +8,11 @@ import sys
 
 from gluon_imagenet import best as best_rule
 from gluon_imagenet import checkpoint, retention
+from gluon_imagenet.data.images import DEFAULT_CROP_FRACTION
 from gluon_imagenet.data.packed import read_meta, resize_chain
 from gluon_imagenet.export.choose import ExportError, pruned_error
 from gluon_imagenet.rundir import RunDirError, RunRecord
-from gluon_imagenet.sweep_eval.settings import DEFAULT_CROP_FRACTION, EMA_EXT
+from gluon_imagenet.sweep_eval.settings import EMA_EXT
 
 # predict.MODEL_JSON, not imported from there: predict loads MXNet, and the errors found before any work should
 # not wait for it. write_folder() loads the folder back through predict, so the two cannot drift apart.

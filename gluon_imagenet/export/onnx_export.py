@@ -1,5 +1,5 @@
-"""model.onnx beside MXNet's files in a model folder, checked by onnxruntime before the folder is installed; and the
-onnxruntime side of predict.
+"""model.onnx beside MXNet's files in a model folder, checked by onnxruntime before the folder is installed (through
+onnx_runtime.py, the side of onnxruntime that predict runs too).
 
 The graph is MXNet 1.9.1's own exporter's (mx.onnx.export_model), with:
   - opset OPSET (19), input "data": uint8 RGB NCHW with a dynamic batch dimension ("batch") and the crop size fixed;
@@ -14,29 +14,13 @@ from __future__ import annotations
 
 import os
 
+from gluon_imagenet.onnx_runtime import INSTALL, PINS, OnnxUnavailable, import_runtime, session
+
 # mx.onnx.export_model takes no opset: it writes the installed onnx's newest, 19 for onnx 1.14.1 (onnxruntime
 # >= 1.14 runs it). Checked after the export, so another onnx cannot change it silently.
 OPSET = 19
 TOLERANCE = 1e-4  # relative to the scores' scale: float32 kernels of two libraries, summed in another order
 ONNX_FILE = "model.onnx"
-PINS = "onnx==1.14.1 protobuf==6.33.6"
-# onnxruntime 1.16.3 asks for numpy >= 1.24.2 (which breaks mxnet 1.9.1) but runs on 1.23.5: installed without
-# its dependencies, which setup.cfg pins.
-INSTALL = (f".venv/bin/python -m pip install -c requirements/constraints.txt {PINS} coloredlogs==15.0.1 "
-           "flatbuffers==25.12.19 sympy==1.14.0 && .venv/bin/python -m pip install --no-deps onnxruntime==1.16.3 "
-           "(bash tools/setup.sh does both)")
-
-
-class OnnxUnavailable(Exception):
-    """onnx or onnxruntime cannot be imported; the message names the install command."""
-
-
-def import_runtime():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise OnnxUnavailable(f"onnxruntime is not installed ({e}); install it with: {INSTALL}") from None
-    return onnxruntime
 
 
 def check_available() -> None:
@@ -46,13 +30,6 @@ def check_available() -> None:
     except ImportError as e:
         raise OnnxUnavailable(f"onnx is not installed ({e}); install it with: {INSTALL}") from None
     import_runtime()
-
-
-def session(path: str):
-    ort = import_runtime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: a checked model has nothing to warn about
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def constants_only(model) -> int:
@@ -103,13 +80,3 @@ def write(folder: str, prefix: str, image_size: int, net, probes) -> dict:
                         "tolerance": f"{TOLERANCE:g} x max(1, largest |score|) = {TOLERANCE * scale:.3g}",
                         "onnx": onnx.__version__, "onnxruntime": import_runtime().__version__}}
 
-
-class OnnxClassifier:
-    """model.onnx through onnxruntime: a uint8 NCHW numpy batch in, scores out (predict's other runtime)."""
-
-    def __init__(self, path: str):
-        self.session = session(path)
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, batch):
-        return self.session.run(None, {self.input: batch})[0]

@@ -44,6 +44,7 @@ import threading
 import time
 
 from gluon_imagenet import best, checkpoint, locks, stops
+from gluon_imagenet.data.images import DEFAULT_CROP_FRACTION
 from gluon_imagenet.devices import Device, usable_cpus
 from gluon_imagenet.rundir import TRAIN_LOCK, RunDirError, RunRecord
 from gluon_imagenet.sweep_eval.evaluate import run_jobs
@@ -52,7 +53,7 @@ from gluon_imagenet.sweep_eval.plan import (SweepError, check_classes, check_dev
                                             check_phase_data, plan_jobs)
 from gluon_imagenet.sweep_eval.report import SEED_TARGET_TOP1, report, targets_for
 from gluon_imagenet.sweep_eval.results import ResultStore
-from gluon_imagenet.sweep_eval.settings import DEFAULT_CROP_FRACTION, WEIGHTS, SettingsError, parse_scales
+from gluon_imagenet.sweep_eval.settings import WEIGHTS, SettingsError, parse_scales
 from gluon_imagenet.sweep_eval.verify import Verifier
 
 

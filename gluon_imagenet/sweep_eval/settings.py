@@ -15,9 +15,6 @@ from gluon_imagenet import checkpoint
 EMA_EXT = ".ema.params"
 WEIGHTS = ("raw", "ema", "both")
 DEFAULT_SETTING = (1.0, False, "raw")  # scale, flip, weights: what the sweep measured before settings existed
-# Centre crop / resized short side: the sweep's --crop-fraction default, the validation iterator's, and what
-# export assumes for results written before the sweep recorded it.
-DEFAULT_CROP_FRACTION = 0.875
 
 
 class SettingsError(Exception):

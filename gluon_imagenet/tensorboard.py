@@ -166,7 +166,8 @@ class SweepBoard:
 
 
 def open_sweep_board(run, run_dir: str, setting: str) -> SweepBoard | None:
-    """`setting`: sweep_setting's name of the sweep's fixed settings; None when the run has no tensorboard folder."""
+    """The board in the run's tensorboard folder (None: trained with --no-tensorboard); `setting` names the
+    sweep's fixed settings (sweep_setting)."""
     logdir = sweep_logdir(run, run_dir)
     return SweepBoard(logdir, setting) if logdir else None
 

@@ -44,8 +44,8 @@ import threading
 import time
 
 from gluon_imagenet import best, checkpoint, locks, stops
-from gluon_imagenet.devices import Device, usable_cpus
 from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT
+from gluon_imagenet.devices import Device, usable_cpus
 from gluon_imagenet.rundir import TRAIN_LOCK, RunDirError, RunRecord
 from gluon_imagenet.sweep_eval.evaluate import run_jobs
 from gluon_imagenet.sweep_eval.jobs import Job

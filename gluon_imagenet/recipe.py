@@ -312,8 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gluon_imagenet.recipe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="validate a recipe and print its plan")
-    show.add_argument("recipe")
+    show = sub.add_parser(
+        "show", help="validate a recipe and print its plan",
+        description="Validate the recipe (and, with --data-root, the packed data it needs) and print its plan for "
+                    "--workers workers and --train-images images: the lr scaling, then one row per phase (epochs, "
+                    "steps, first and last step, images, lr at its start and end, lr method, image size, batch "
+                    "per worker, data dir, PFLOP) and the totals. Reads only the recipe and the data root, writes "
+                    "nothing; exit 2 with the reason when either is wrong.")
+    show.add_argument("recipe", help="recipe YAML, e.g. recipes/imagenet104.yaml")
     show.add_argument("--workers", type=int, default=None, help="number of workers (default: the recipe's)")
     show.add_argument("--train-images", type=int, default=1281167, help="training images (default: ImageNet's)")
     show.add_argument("--data-root", default=None, help="also check the packed data under this root")

@@ -53,7 +53,7 @@ class RunRecord:
     recipe_file: str | None = None  # the --recipe path the trainer was given
     recipe_digest: str | None = None  # recipe.digest() of `recipe`
     command: list | None = None  # the trainer's sys.argv
-    args: dict | None = None  # the trainer's parsed command line (vars(args))
+    args: dict | None = None  # the trainer's options by flag name (train.options.TrainOptions.as_dict())
     versions: dict | None = None  # python, mxnet, gluoncv, numpy, horovod versions (None: not installed)
     git_revision: str | None = None  # the trainer's git HEAD, or "unknown"
     world_size: int | None = None  # Horovod ranks (1: one process)

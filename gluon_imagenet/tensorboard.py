@@ -123,11 +123,12 @@ def sweep_logdir(run, run_dir: str) -> str | None:
     return run.tensorboard_dir(run_dir)
 
 
-def sweep_setting(args) -> str:
-    """The TensorBoard run name of a sweep's fixed settings, e.g. sweep-phase-crop0.875 or
-    sweep-fixed-224px-crop0.875; each result's own scale, flip and weights are added to it (row_setting)."""
-    size = f"-{args.image_size}px" if args.size_policy == "fixed" and args.image_size else ""
-    return f"sweep-{args.size_policy}{size}-crop{args.crop_fraction:g}"
+def sweep_setting(size_policy: str, image_size: int | None, crop_fraction: float) -> str:
+    """The TensorBoard run name of a sweep's fixed settings (--size-policy, --image-size, --crop-fraction), e.g.
+    sweep-phase-crop0.875 or sweep-fixed-224px-crop0.875; each result's own scale, flip and weights are added to
+    it (row_setting)."""
+    size = f"-{image_size}px" if size_policy == "fixed" and image_size else ""
+    return f"sweep-{size_policy}{size}-crop{crop_fraction:g}"
 
 
 def row_setting(base: str, row: dict) -> str:
@@ -164,9 +165,11 @@ class SweepBoard:
         events.flush()
 
 
-def open_sweep_board(run, run_dir: str, args) -> SweepBoard | None:
+def open_sweep_board(run, run_dir: str, setting: str) -> SweepBoard | None:
+    """The board in the run's tensorboard folder (None: trained with --no-tensorboard); `setting` names the
+    sweep's fixed settings (sweep_setting)."""
     logdir = sweep_logdir(run, run_dir)
-    return SweepBoard(logdir, sweep_setting(args)) if logdir else None
+    return SweepBoard(logdir, setting) if logdir else None
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -16,7 +16,6 @@ from gluon_imagenet import best, checkpoint, predict
 from gluon_imagenet.export import cli as export_cli
 from gluon_imagenet.model import build_model
 from gluon_imagenet.rundir import read_run
-from gluon_imagenet.sweep_eval.cli import check_args as check_sweep_args
 from gluon_imagenet.sweep_eval.cli import main as sweep_main
 from gluon_imagenet.sweep_eval.cli import parse_args
 from gluon_imagenet.sweep_eval.jobs import flip_averaged
@@ -182,7 +181,6 @@ def test_a_scale_reads_the_smallest_packed_data_that_holds_it(single_run, packed
     _, src, _ = single_run
     run_dir = copy_checkpoints(src, tmp_path / "run", ["ckpt-00000015", EMA_OF])  # 32 px, data 40
     args = parse_args(["--run-dir", run_dir, "--data-root", packed_root, "--eval-scales", "1,1.5,1.05"])
-    check_sweep_args(args)
     jobs, _, _ = plan_jobs(args, read_run(run_dir), packed_root)
     # x1.05 rounds back to 32 px: one evaluation, named by the first scale.
     assert sorted({(j.image_size, j.data_dir, j.eval_scale) for j in jobs}) == [(32, "40", 1.0), (48, "72", 1.5)]
@@ -208,10 +206,9 @@ def test_bad_scales_are_refused_before_any_work(searched, packed_root, capsys, a
 
 def test_eval_scale_is_the_one_element_case(searched, packed_root):
     args = parse_args(["--run-dir", searched[0], "--eval-scale", "1.125"])
-    check_sweep_args(args)
     assert args.scales == (1.125,)
     with pytest.raises(SweepError):
-        check_sweep_args(parse_args(["--run-dir", searched[0], "--eval-scales", "1,-2"]))
+        parse_args(["--run-dir", searched[0], "--eval-scales", "1,-2"])  # parse_args checks and parses the scales
 
 
 # ------------------------------------------------------------------------------------------------ EMA weights
@@ -310,7 +307,6 @@ def test_scales_and_flip_share_one_iterator_per_size_per_worker(searched, packed
     monkeypatch.setattr(iterators, "val_iterator", counted)
     args = parse_args(["--run-dir", run_dir, "--data-root", packed_root, "--batch-size", "16", "--eval-scales",
                        "1,1.125", "--flip"])
-    check_sweep_args(args)
     jobs, _, _ = plan_jobs(args, read_run(run_dir), packed_root)
     assert len(jobs) == 6 and all(j.flips == (False, True) for j in jobs)  # 2 sizes x (1 + 2 weights)
     evaluator = Evaluator(Device("cpu"), threads=1)

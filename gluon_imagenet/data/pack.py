@@ -239,7 +239,9 @@ def parse_args(argv):
     p.add_argument("--root", default=DEFAULT_DATA_ROOT, help=f"data root to write (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--sizes", type=int, nargs="*", default=[160, 320],
                    help="short sides to resize to, pixels (default: 160 320)")
-    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help=f"splits to pack, each at every --sizes (default: {' '.join(SPLITS)}; --verify checks "
+                        "every split packed under --root)")
     p.add_argument("--val-labels", help="labels file for a flat val/ folder: one `filename label` per line")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default: 90)")

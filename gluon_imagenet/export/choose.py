@@ -35,8 +35,9 @@ def read_sweep(run_dir: str) -> tuple[list[dict], str | None]:
     return list(read.results.values()), read.ranked_by
 
 
-def data_root_of(args, run: RunRecord) -> str:
-    return os.path.abspath(args.data_root or run.data_root or "recordio")
+def data_root_of(data_root: str | None, run: RunRecord) -> str:
+    """The data root export reads (absolute): `data_root` (--data-root) if given, else the run's."""
+    return os.path.abspath(data_root or run.data_root or packed.DEFAULT_DATA_ROOT)
 
 
 def current_identity(data_root: str, data_dir: str) -> str | None:
@@ -46,17 +47,16 @@ def current_identity(data_root: str, data_dir: str) -> str | None:
         return None
 
 
-def usable_rows(args, run: RunRecord, rows: list[dict]) -> list[dict]:
-    """The results export may use: measured on the run's data root (or --data-root) as it is now, of checkpoints
+def usable_rows(run_dir: str, root: str, rows: list[dict]) -> list[dict]:
+    """The results export may use: measured on the data root `root` (data_root_of) as it is now, of checkpoints
     still in the run dir. What is left out is said, in one line per reason."""
-    root = data_root_of(args, run)
     elsewhere = sorted({str(r.get("data_root")) for r in rows if r.get("data_root") != root})
     mine = [r for r in rows if r.get("data_root") == root]
     changed = [r for r in mine if r.get("data_id") not in (None, current_identity(root, r["data_dir"]))
                and current_identity(root, r["data_dir"]) is not None]
     mine = [r for r in mine if r not in changed]
     gone = sorted({r["checkpoint"] for r in mine
-                   if not os.path.isfile(os.path.join(args.run_dir, r["checkpoint"] + ".json"))})
+                   if not os.path.isfile(os.path.join(run_dir, r["checkpoint"] + ".json"))})
     if elsewhere:
         print(f"note: ignoring {len(rows) - len(mine) - len(changed)} sweep result(s) on other data roots "
               f"({', '.join(elsewhere)}); pass --data-root to use those", file=sys.stderr)
@@ -64,16 +64,17 @@ def usable_rows(args, run: RunRecord, rows: list[dict]) -> list[dict]:
         print(f"warning: ignoring {len(changed)} sweep result(s) on {root}: its packed validation data changed since "
               "they were measured; re-run the sweep", file=sys.stderr)
     if gone:
-        print(f"note: ignoring the sweep results of {len(gone)} checkpoint(s) no longer in {args.run_dir} (deleted or "
+        print(f"note: ignoring the sweep results of {len(gone)} checkpoint(s) no longer in {run_dir} (deleted or "
               f"pruned by the trainer's retention): {', '.join(gone)}", file=sys.stderr)
     return [r for r in mine if r["checkpoint"] not in gone]
 
 
-def ranking_metric(args, run: RunRecord, ranked_by: str | None) -> str:
+def ranking_metric(by: str | None, run: RunRecord, ranked_by: str | None) -> str:
+    """The metric --best ranks by: `by` (--by) if given, else the sweep's (`ranked_by`), else the default."""
     classes = len(run.classes or [])
-    metric = args.by or ranked_by or best_rule.default_metric(classes)
+    metric = by or ranked_by or best_rule.default_metric(classes)
     if metric == "top5" and not best_rule.top5_meaningful(classes):
-        if args.by:
+        if by:
             raise ExportError(f"--by top5: the run has {classes} classes, so top-5 is 100% for any "
                               "network and ranks nothing; use --by top1")
         metric = "top1"
@@ -85,26 +86,28 @@ def checkpoint_names(run_dir: str) -> list[str]:
     return sorted(n[: -len(".json")] for n in os.listdir(run_dir) if checkpoint.NAME.match(n))
 
 
-def choose(args, rows: list[dict], metric: str) -> tuple[str, str, dict | None]:
-    """(checkpoint name, how it was chosen, the sweep result that chose it with --best); rows: usable_rows."""
-    if args.best:
+def choose(run_dir: str, rows: list[dict], metric: str, *, best: bool,
+           named: str | None) -> tuple[str, str, dict | None]:
+    """(checkpoint name, how it was chosen, the sweep result that chose it with --best); rows: usable_rows.
+    best: --best; named: --checkpoint (a name or a step), else the newest epoch checkpoint."""
+    if best:
         if not rows:
-            raise ExportError(f"--best: {os.path.join(args.run_dir, SWEEP_JSON)!r} holds no results on this data "
+            raise ExportError(f"--best: {os.path.join(run_dir, SWEEP_JSON)!r} holds no results on this data "
                               f"root whose checkpoint still exists; evaluate the checkpoints first (python -m "
-                              f"gluon_imagenet.sweep_eval --run-dir {args.run_dir}) or name one with --checkpoint")
+                              f"gluon_imagenet.sweep_eval --run-dir {run_dir}) or name one with --checkpoint")
         chosen = best_rule.best_row(rows, metric)
         return chosen["checkpoint"], f"--best: {best_rule.describe(metric)} of the sweep's results", chosen
-    names = checkpoint_names(args.run_dir)
-    if args.checkpoint:
-        wanted = args.checkpoint
+    names = checkpoint_names(run_dir)
+    if named:
+        wanted = named
         if wanted.isdigit():
             wanted = os.path.basename(checkpoint.prefix_for("", int(wanted)))
         wanted = re.sub(r"\.(json|params|states)$", "", os.path.basename(wanted))
         if wanted not in names:
             listed = ", ".join(names) if names else "none"
-            raise ExportError(f"--checkpoint {args.checkpoint!r} is not in {args.run_dir!r}; available: {listed}")
+            raise ExportError(f"--checkpoint {named!r} is not in {run_dir!r}; available: {listed}")
         return wanted, "--checkpoint", None
-    newest, damaged, mid_epoch = newest_epoch_checkpoint(args.run_dir)
+    newest, damaged, mid_epoch = newest_epoch_checkpoint(run_dir)
     for name, why in damaged:
         print(f"skipping {name}: {why}", file=sys.stderr)
     if newest is not None:
@@ -112,10 +115,10 @@ def choose(args, rows: list[dict], metric: str) -> tuple[str, str, dict | None]:
         note = f"; newer mid-epoch ones ({', '.join(newer)}) only when named with --checkpoint" if newer else ""
         return newest.name, f"the newest epoch checkpoint (neither --checkpoint nor --best given{note})", None
     if mid_epoch:
-        raise ExportError(f"no epoch checkpoint in {args.run_dir!r} yet, only mid-epoch ones ({', '.join(mid_epoch)}), "
+        raise ExportError(f"no epoch checkpoint in {run_dir!r} yet, only mid-epoch ones ({', '.join(mid_epoch)}), "
                           "which the trainer's retention may delete while they are read: name one with --checkpoint, "
                           "or wait for the first epoch to end")
-    raise ExportError(f"no intact checkpoint in {args.run_dir!r}")
+    raise ExportError(f"no intact checkpoint in {run_dir!r}")
 
 
 def newest_epoch_checkpoint(run_dir: str) -> tuple[checkpoint.Checkpoint | None, list[tuple[str, str]], list[str]]:

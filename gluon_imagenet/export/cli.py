@@ -46,18 +46,20 @@ from gluon_imagenet import best as best_rule
 from gluon_imagenet.export.choose import (ExportError, choose, current_identity, data_root_of, ranking_metric, read_run,
                                           read_sweep, usable_rows, verified)
 from gluon_imagenet.export.folder import ema_weights, evaluation, install, out_dir_for, packer_settings, write_folder
+from gluon_imagenet.export.options import ExportOptions
 from gluon_imagenet.sweep_eval.settings import DEFAULT_SETTING, EMA_EXT, setting_of
 
 
-def export(args) -> str:
-    run = read_run(args.run_dir)
-    all_rows, ranked_by = read_sweep(args.run_dir)
-    metric = ranking_metric(args, run, ranked_by)
-    rows = usable_rows(args, run, all_rows) if all_rows else []
-    name, how, best = choose(args, rows, metric)
-    ckpt = verified(args.run_dir, name)
-    out = out_dir_for(args, name)
-    if args.onnx:
+def export(options: ExportOptions) -> str:
+    run = read_run(options.run_dir)
+    data_root = data_root_of(options.data_root, run)
+    all_rows, ranked_by = read_sweep(options.run_dir)
+    metric = ranking_metric(options.by, run, ranked_by)
+    rows = usable_rows(options.run_dir, data_root, all_rows) if all_rows else []
+    name, how, best = choose(options.run_dir, rows, metric, best=options.best, named=options.checkpoint)
+    ckpt = verified(options.run_dir, name)
+    out = out_dir_for(options.out, options.run_dir, name)
+    if options.onnx:
         from gluon_imagenet.export.onnx_export import check_available
         from gluon_imagenet.onnx_runtime import OnnxUnavailable
 
@@ -68,7 +70,6 @@ def export(args) -> str:
     image_size, data_dir, crop_fraction, row = evaluation(run, ckpt, rows, best, metric)
     scale, flip, weights = setting_of(row) if row else DEFAULT_SETTING
     weights_path = ema_weights(ckpt, row) if weights == "ema" else ckpt.params_path
-    data_root = data_root_of(args, run)
     # flip cannot be inside a single-image graph: predict averages the image and its mirror when it is set.
     preprocess = dict(packer_settings(data_root, data_dir), data_dir=data_dir, crop=image_size,
                       crop_fraction=crop_fraction, resize=int(round(image_size / crop_fraction)),
@@ -81,7 +82,7 @@ def export(args) -> str:
         if not top5_meaningful:
             accuracy["top5_note"] = (f"meaningless: with {len(run.classes)} classes top-5 is 100% for any network")
     provenance = {
-        "run_dir": os.path.abspath(args.run_dir), "checkpoint": name, "chosen_by": how, "step": ckpt.step,
+        "run_dir": os.path.abspath(options.run_dir), "checkpoint": name, "chosen_by": how, "step": ckpt.step,
         "epoch": ckpt.record.epoch, "final": ckpt.record.final,
         "params_sha256": ckpt.record.params_sha256,
         "weights": weights, "eval_scale": scale, "flip": flip,
@@ -93,7 +94,7 @@ def export(args) -> str:
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     replaced = write_and_install(out, lambda temp: write_folder(temp, run, ckpt, image_size, preprocess, provenance,
-                                                                args.onnx, weights_path))
+                                                                options.onnx, weights_path))
     top5 = f"{row['top5']:.2%}" if row and top5_meaningful else "n/a"
     top = f", sweep top-1 {row['top1']:.2%} top-5 {top5}" if row else ", not evaluated by a sweep"
     print(f"{name} (step {ckpt.step}, epoch {ckpt.record.epoch or 0:.2f}{top}) chosen by {how}")
@@ -101,13 +102,13 @@ def export(args) -> str:
           f"{'flip: predict averages each image and its mirror' if flip else 'no flip'}")
     print(f"{'replaced' if replaced else 'wrote'} {out}: input uint8 RGB NCHW {image_size}x{image_size} (short side "
           f"{preprocess['packed_short_side']} -> {preprocess['resize']}, centre crop), {len(run.classes or [])} classes")
-    if args.onnx:
+    if options.onnx:
         from gluon_imagenet.export.onnx_export import OPSET, TOLERANCE
 
         print(f"also {os.path.join(out, 'model.onnx')} (opset {OPSET}, dynamic batch): onnxruntime's scores equal "
               f"MXNet's within {TOLERANCE:g} x the scores' scale")
     print(f"predict with: python -m gluon_imagenet.predict {out} IMAGE..." +
-          (" (add --runtime onnx for onnxruntime)" if args.onnx else ""))
+          (" (add --runtime onnx for onnxruntime)" if options.onnx else ""))
     return out
 
 
@@ -136,7 +137,7 @@ def write_and_install(out: str, write) -> bool:
         raise
 
 
-def parse_args(argv):
+def parse_args(argv) -> ExportOptions:
     p = argparse.ArgumentParser(prog="python -m gluon_imagenet.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="run folder written by gluon_imagenet.train")
@@ -151,13 +152,13 @@ def parse_args(argv):
     p.add_argument("--data-root", help="packed data root: the packer's settings, and the sweep results --best ranks "
                    "(default: the run's, from run.json)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
-    return p.parse_args(argv)
+    return ExportOptions(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    options = parse_args(argv)
     try:
-        export(args)
+        export(options)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -110,8 +110,10 @@ def _guessed_chain(data_root: str, side: int, quality, through: bool, val: dict)
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def out_dir_for(args, name: str) -> str:
-    out = args.out or os.path.join(args.run_dir, "export", name)
+def out_dir_for(out: str | None, run_dir: str, name: str) -> str:
+    """The model folder to write: `out` (--out) if given, else RUN_DIR/export/<checkpoint>; refused when it is
+    something other than a model folder export wrote."""
+    out = out or os.path.join(run_dir, "export", name)
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, MODEL_JSON)):
         kind = "folder" if os.path.isdir(out) else "file"
         raise ExportError(f"--out {out!r} is an existing {kind} that is not a model folder written by export; "

@@ -45,10 +45,12 @@ import time
 
 from gluon_imagenet import best, checkpoint, locks, stops
 from gluon_imagenet.data.images import DEFAULT_CROP_FRACTION
+from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT
 from gluon_imagenet.devices import Device, usable_cpus
 from gluon_imagenet.rundir import TRAIN_LOCK, RunDirError, RunRecord
 from gluon_imagenet.sweep_eval.evaluate import run_jobs
 from gluon_imagenet.sweep_eval.jobs import Job
+from gluon_imagenet.sweep_eval.options import SweepOptions
 from gluon_imagenet.sweep_eval.plan import (SweepError, check_classes, check_devices, check_from_epoch,
                                             check_phase_data, plan_jobs)
 from gluon_imagenet.sweep_eval.report import SEED_TARGET_TOP1, report, targets_for
@@ -58,15 +60,19 @@ from gluon_imagenet.sweep_eval.verify import Verifier
 
 
 # ------------------------------------------------------------------------------------------------ checking
-def parse_args(argv):
+def parse_args(argv) -> SweepOptions:
+    """The checked options (SweepError names a value that means nothing); argparse exits on a malformed one."""
     p = argparse.ArgumentParser(prog="python -m gluon_imagenet.sweep_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", required=True, help="run folder written by gluon_imagenet.train (run.json and the "
+                   "checkpoints); the results go to RUN_DIR/sweep.json, sweep.csv and sweep.png")
     p.add_argument("--data-root", help="packed data root (default: the one the run trained on, from run.json)")
     devices = p.add_mutually_exclusive_group()
     devices.add_argument("--gpus", help="GPU ids, e.g. 0,1,2,3: one worker process per GPU")
     devices.add_argument("--workers", type=int, default=1, help="CPU worker processes (default: 1)")
-    p.add_argument("--size-policy", choices=("phase", "fixed"), default="phase")
+    p.add_argument("--size-policy", choices=("phase", "fixed"), default="phase",
+                   help="phase: each checkpoint at the image size of the phase it was trained in, from that phase's "
+                   "packed data; fixed: one size for all, --image-size (default: %(default)s)")
     p.add_argument("--image-size", type=int, help="evaluation crop for --size-policy fixed (default: the recipe's)")
     p.add_argument("--eval-scales", help="evaluate each checkpoint at its size (the phase's, or the fixed one) times "
                    "each of these factors, e.g. 1.0,1.15,1.3, rounded to a multiple of 8; each is its own result "
@@ -78,7 +84,8 @@ def parse_args(argv):
                    "(default: both when a checkpoint has EMA weights, else raw)")
     p.add_argument("--crop-fraction", type=float, default=DEFAULT_CROP_FRACTION,
                    help=f"center crop / resized short side, in (0, 1] (default: {DEFAULT_CROP_FRACTION:g})")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="validation images per forward pass of each worker (default: %(default)s)")
     p.add_argument("--every", type=int, default=1, help="every K-th checkpoint")
     p.add_argument("--from-epoch", type=float, default=0.0, help="only checkpoints at or after this epoch")
     p.add_argument("--last", type=int, help="only the newest N checkpoints")
@@ -92,11 +99,12 @@ def parse_args(argv):
                    "until training stops")
     p.add_argument("--poll-seconds", type=float, default=30.0, help="--watch: seconds between looks for new "
                    "checkpoints")
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
 
 
-def check_args(args) -> None:
-    """Values that mean nothing are refused by name, before anything is read."""
+def check_args(args: argparse.Namespace) -> SweepOptions:
+    """Values that mean nothing are refused by name, before anything is read; the options, with the scales
+    parsed from --eval-scales or --eval-scale, once."""
     rules = [
         ("--workers", args.workers, args.gpus is None and args.workers < 1, "a whole number >= 1"),
         ("--image-size", args.image_size, args.image_size is not None and args.image_size < 1,
@@ -123,19 +131,20 @@ def check_args(args) -> None:
         raise SweepError(f"--eval-scale {args.eval_scale:g} and --eval-scales {args.eval_scales}: give one of them "
                          "(--eval-scale X is --eval-scales X)")
     try:
-        args.scales = parse_scales(args.eval_scales) if args.eval_scales is not None else (args.eval_scale or 1.0,)
+        scales = parse_scales(args.eval_scales) if args.eval_scales is not None else (args.eval_scale or 1.0,)
     except SettingsError as e:
         raise SweepError(str(e)) from None
-    args.eval_scale = args.scales[0]  # the setting the TensorBoard run is named after and shows
+    given = {name: value for name, value in vars(args).items() if name not in ("eval_scales", "eval_scale")}
+    return SweepOptions(**given, scales=scales)
 
 
 # ------------------------------------------------------------------------------------------------ main
 class Sweep:
     """One sweep's state across --watch polls: what was verified, evaluated, failed and already said."""
 
-    def __init__(self, args, run: RunRecord, data_root: str, devices: list[Device]):
-        self.args, self.run, self.data_root, self.devices = args, run, data_root, devices
-        self.verifier = Verifier(args.run_dir)
+    def __init__(self, options: SweepOptions, run: RunRecord, data_root: str, devices: list[Device]):
+        self.options, self.run, self.data_root, self.devices = options, run, data_root, devices
+        self.verifier = Verifier(options.run_dir)
         self.store: ResultStore | None = None
         self.jobs: list[Job] = []
         self.bad: dict[str, str] = {}
@@ -147,7 +156,7 @@ class Sweep:
         self.board = None  # tensorboard.SweepBoard
 
     def plan(self) -> None:
-        self.jobs, bad, self.good = plan_jobs(self.args, self.run, self.data_root, self.verifier)
+        self.jobs, bad, self.good = plan_jobs(self.options, self.run, self.data_root, self.verifier)
         self.bad = dict(bad)
 
     def say_once(self, line: str, file=sys.stdout) -> None:
@@ -159,15 +168,15 @@ class Sweep:
         """Evaluate the planned checkpoints not evaluated (or failed) yet; report the damaged and pruned ones."""
         for name, why in self.bad.items():
             if why.startswith("partial") and self.trainer is not None:
-                if self.args.watch:
+                if self.options.watch:
                     continue  # being saved or being pruned: the next look tells which
                 why = "no .json record yet: the running trainer is saving it or pruning it"
             self.say_once(f"skipping {name}: {why}", file=sys.stderr)
         self.store.current = {c.name: c.record.params_sha256 for c in self.good}
-        self.store.existing = {name for name, _ in checkpoint.candidates(self.args.run_dir)}
+        self.store.existing = {name for name, _ in checkpoint.candidates(self.options.run_dir)}
         gone = self.store.drop_gone()
         if gone:
-            print(f"dropped the results of {len(gone)} checkpoint(s) no longer in {self.args.run_dir} (deleted or "
+            print(f"dropped the results of {len(gone)} checkpoint(s) no longer in {self.options.run_dir} (deleted or "
                   f"pruned by the trainer's retention): {', '.join(gone)}")
         todo = []
         for j in self.jobs:  # only the flip settings not evaluated yet (one pass gives both anyway)
@@ -179,7 +188,7 @@ class Sweep:
         if done and not self.passes:
             print(f"{len(done)} checkpoint(s) already evaluated with these settings")
         self.passes += 1
-        errors, pruned = (run_jobs(todo, self.devices, self.store, self.board, self.args.scales[0]) if todo
+        errors, pruned = (run_jobs(todo, self.devices, self.store, self.board, self.options.eval_scale) if todo
                           else ({}, {}))
         for key, why in errors.items():
             print(f"failed: {key}: {why}", file=sys.stderr)
@@ -191,7 +200,7 @@ class Sweep:
     def watch_end(self, trainer: dict | None) -> str:
         """Why --watch stops now, or "" to keep waiting. `trainer` is the train.lock holder seen before the
         last scan, so a final checkpoint written before the trainer exited has been seen."""
-        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, self.run.final_step))
+        name = os.path.basename(checkpoint.prefix_for(self.options.run_dir, self.run.final_step))
         if name in {c.name for c in self.good}:
             job = next((j for j in self.jobs if j.checkpoint == name), None)
             if job is None:
@@ -203,17 +212,17 @@ class Sweep:
         if name in self.bad and not (trainer is not None and self.bad[name].startswith("partial")):
             return f"the final checkpoint {name} is damaged ({self.bad[name]})"
         if trainer is None:
-            return (f"training is not running (no process holds {os.path.join(self.args.run_dir, TRAIN_LOCK)}) "
+            return (f"training is not running (no process holds {os.path.join(self.options.run_dir, TRAIN_LOCK)}) "
                     f"and the final checkpoint {name} (step {self.run.final_step}) is missing: resume the training "
                     "run, then sweep again")
         return ""
 
     def waiting_for(self, trainer: dict) -> str:
-        name = os.path.basename(checkpoint.prefix_for(self.args.run_dir, self.run.final_step))
+        name = os.path.basename(checkpoint.prefix_for(self.options.run_dir, self.run.final_step))
         newest = self.good[-1].name if self.good else "none yet"
         return (f"waiting for the final checkpoint {name} (newest intact: {newest}); training is running (pid "
                 f"{trainer.get('pid', '?')} on {trainer.get('host', '?')}); looking again every "
-                f"{self.args.poll_seconds:g} s")
+                f"{self.options.poll_seconds:g} s")
 
 
 def trainer_holding(run_dir: str) -> dict | None:
@@ -221,63 +230,67 @@ def trainer_holding(run_dir: str) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        options = parse_args(argv)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Ctrl-C and SIGTERM: one line, exit 130/143; the workers are killed and sweep.lock released on the way out.
     saved = {s: signal.getsignal(s) for s in stops.SIGNALS}
     try:
         with stops.clean_stop("sweep_eval"):
-            return sweep_main(args)
+            return sweep_main(options)
     finally:  # a caller in the same process (a test, a notebook) gets its own handlers back
         for s, handler in saved.items():
             if handler is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(s, handler)
 
 
-def sweep_main(args) -> int:
+def sweep_main(options: SweepOptions) -> int:
     try:
-        check_args(args)
-        run = RunRecord.read(args.run_dir)
-        check_from_epoch(args, run)
-        data_root = args.data_root or run.data_root or "recordio"
+        run = RunRecord.read(options.run_dir)
+        check_from_epoch(options, run)
+        data_root = options.data_root or run.data_root or DEFAULT_DATA_ROOT
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
         check_classes(run, data_root)
-        targets = targets_for(args, len(run.classes or []))
-        devices = check_devices(args)
-        if not checkpoint.exists_any(args.run_dir) and not args.watch:
-            raise SweepError(f"no checkpoints in {args.run_dir!r}")
-        if args.watch:
-            check_phase_data(args, run, data_root)
-        sweep = Sweep(args, run, data_root, devices)
-        trainer = sweep.trainer = trainer_holding(args.run_dir)  # before the scan: see Sweep.watch_end
+        targets = targets_for(options, len(run.classes or []))
+        devices = check_devices(options)
+        if not checkpoint.exists_any(options.run_dir) and not options.watch:
+            raise SweepError(f"no checkpoints in {options.run_dir!r}")
+        if options.watch:
+            check_phase_data(options, run, data_root)
+        sweep = Sweep(options, run, data_root, devices)
+        trainer = sweep.trainer = trainer_holding(options.run_dir)  # before the scan: see Sweep.watch_end
         sweep.plan()  # every selected checkpoint has its validation data
     except (SweepError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Spread decode and compute threads over the worker processes (set before they start MXNet).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus()[0] // len(devices))))
-    sweep.store = ResultStore(args.run_dir)
-    from gluon_imagenet.tensorboard import open_sweep_board
+    sweep.store = ResultStore(options.run_dir)
+    from gluon_imagenet.tensorboard import open_sweep_board, sweep_setting
 
-    sweep.board = open_sweep_board(run, args.run_dir, args)
-    print(f"sweep {args.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
-          f"policy {args.size_policy}, data {data_root}")
+    sweep.board = open_sweep_board(run, options.run_dir,
+                                   sweep_setting(options.size_policy, options.image_size, options.crop_fraction))
+    print(f"sweep {options.run_dir}: {len(devices)} worker(s) on {', '.join(sorted(set(map(str, devices))))}, size "
+          f"policy {options.size_policy}, data {data_root}")
     sweep.evaluate()
-    while args.watch:
+    while options.watch:
         why = sweep.watch_end(trainer)
         if why:
             print(f"watch ends: {why}", flush=True)
             break
         sweep.say_once(sweep.waiting_for(trainer))
-        time.sleep(args.poll_seconds)
-        trainer = sweep.trainer = trainer_holding(args.run_dir)
+        time.sleep(options.poll_seconds)
+        trainer = sweep.trainer = trainer_holding(options.run_dir)
         try:
             sweep.plan()
         except (SweepError, RunDirError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         sweep.evaluate()
-    report(args, run, sweep.store, sweep.jobs, targets)
+    report(options, run, sweep.store, sweep.jobs, targets)
     if not sweep.store.rows(k for j in sweep.jobs for k in j.keys):
         print("error: no checkpoint could be evaluated", file=sys.stderr)
         return 1

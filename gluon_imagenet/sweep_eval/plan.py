@@ -9,6 +9,7 @@ from gluon_imagenet.data.packed import holds, packed_short_side
 from gluon_imagenet.devices import Device
 from gluon_imagenet.rundir import RunRecord
 from gluon_imagenet.sweep_eval.jobs import Job
+from gluon_imagenet.sweep_eval.options import SweepOptions
 from gluon_imagenet.sweep_eval.settings import weights_for
 from gluon_imagenet.sweep_eval.verify import Verifier
 
@@ -17,9 +18,9 @@ class SweepError(Exception):
     """Something to fix before evaluating."""
 
 
-def check_from_epoch(args, run: RunRecord) -> None:
-    if args.from_epoch > run.last_epoch:
-        raise SweepError(f"--from-epoch {args.from_epoch:g}: the recipe ends at epoch {run.last_epoch:g}, so no "
+def check_from_epoch(options: SweepOptions, run: RunRecord) -> None:
+    if options.from_epoch > run.last_epoch:
+        raise SweepError(f"--from-epoch {options.from_epoch:g}: the recipe ends at epoch {run.last_epoch:g}, so no "
                          f"checkpoint would ever be selected; use an epoch in [0, {run.last_epoch:g}]")
 
 
@@ -27,14 +28,14 @@ def round8(size: float) -> int:
     return max(8, int(round(size / 8)) * 8)
 
 
-def eval_size(args, run: RunRecord, trained, scale: float | None = None) -> tuple[int, str]:
+def eval_size(options: SweepOptions, run: RunRecord, trained, scale: float | None = None) -> tuple[int, str]:
     """(crop size, preferred packed data dir) for one checkpoint under the chosen size policy, times `scale`
     (default: the first of --eval-scales). `trained`: what the checkpoint was trained at, its record
     (checkpoint.Record) or its phase in run.json (rundir.PlannedPhase): both have image_size and data_dir."""
-    scale = args.scales[0] if scale is None else scale
-    if args.size_policy == "fixed":
+    scale = options.eval_scale if scale is None else scale
+    if options.size_policy == "fixed":
         size, preferred = run.evaluation_defaults()  # resolved when run.json was written
-        base = args.image_size or size
+        base = options.image_size or size
     else:
         base, preferred = trained.image_size, trained.data_dir
     return (base if scale == 1 else round8(base * scale)), preferred
@@ -64,12 +65,12 @@ def data_dir_for(data_root: str, size: int, preferred: str, crop_fraction: float
                      "tools/im2rec_multi.py --sizes")
 
 
-def check_phase_data(args, run: RunRecord, data_root: str) -> None:
+def check_phase_data(options: SweepOptions, run: RunRecord, data_root: str) -> None:
     """--watch: every phase's validation data exists before the first checkpoint of it is written."""
     for phase in run.phases:
-        for scale in args.scales:
-            size, preferred = eval_size(args, run, phase, scale)
-            data_dir_for(data_root, size, preferred, args.crop_fraction)
+        for scale in options.scales:
+            size, preferred = eval_size(options, run, phase, scale)
+            data_dir_for(data_root, size, preferred, options.crop_fraction)
 
 
 def check_classes(run: RunRecord, data_root: str) -> None:
@@ -100,21 +101,20 @@ def data_identity(data_root: str, data_dir: str) -> str:
     return packed.data_identity(data_root, data_dir, "val")
 
 
-def select(args, good: list) -> list:
-    selected = [c for c in good if (c.record.epoch or 0) >= args.from_epoch][:: args.every]
-    return selected[-args.last:] if args.last else selected
+def select(options: SweepOptions, good: list) -> list:
+    selected = [c for c in good if (c.record.epoch or 0) >= options.from_epoch][:: options.every]
+    return selected[-options.last:] if options.last else selected
 
 
-def plan_jobs(args, run: RunRecord, data_root: str, verifier: Verifier | None = None):
+def plan_jobs(options: SweepOptions, run: RunRecord, data_root: str, verifier: Verifier | None = None):
     """(jobs for the selected checkpoints, [(name, problem)] for damaged ones, every intact checkpoint)."""
-    verifier = verifier or Verifier(args.run_dir)
+    verifier = verifier or Verifier(options.run_dir)
     good, bad = verifier.scan()
     root = os.path.abspath(data_root)
-    flips = (False, True) if getattr(args, "flip", False) else (False,)
-    scales = getattr(args, "scales", None) or (1.0,)
+    flips = (False, True) if options.flip else (False,)
     jobs = []
-    for c in select(args, good):
-        weights, why = weights_for(getattr(args, "weights", None), c.record)
+    for c in select(options, good):
+        weights, why = weights_for(options.weights, c.record)
         if "ema" in weights:
             problem = verifier.ema_problem(c)
             if problem:
@@ -122,32 +122,32 @@ def plan_jobs(args, run: RunRecord, data_root: str, verifier: Verifier | None = 
         if why:  # the checkpoint's EMA weights only: its raw weights are still evaluated unless --weights ema
             bad.append((f"the EMA weights of {c.name}" if weights else c.name, why))
         sizes = {}  # two scales rounding to one size are one evaluation: the first scale names it
-        for scale in scales:
-            size, preferred = eval_size(args, run, c.record, scale)
+        for scale in options.scales:
+            size, preferred = eval_size(options, run, c.record, scale)
             sizes.setdefault(size, (scale, preferred))
         for size, (scale, preferred) in sizes.items():
-            data_dir = data_dir_for(data_root, size, preferred, args.crop_fraction)
+            data_dir = data_dir_for(data_root, size, preferred, options.crop_fraction)
             for w in weights:
                 classes = c.record.classes if c.record.recorded("classes") else len(run.classes or [])
                 jobs.append(Job(c.name, c.params_path, c.record.model if c.record.recorded("model") else run.model,
                                 classes, size, data_dir, c.record,
-                                args.crop_fraction, args.batch_size, root, data_identity(data_root, data_dir),
+                                options.crop_fraction, options.batch_size, root, data_identity(data_root, data_dir),
                                 scale, flips, w))
     return jobs, bad, good
 
 
-def check_devices(args) -> list[Device]:
-    if args.gpus is None:
-        return [Device("cpu")] * args.workers
+def check_devices(options: SweepOptions) -> list[Device]:
+    if options.gpus is None:
+        return [Device("cpu")] * options.workers
     try:
-        ids = [int(g) for g in args.gpus.split(",") if g.strip()]
+        ids = [int(g) for g in options.gpus.split(",") if g.strip()]
     except ValueError:
-        raise SweepError(f"--gpus {args.gpus!r}: expected GPU ids like 0,1,2,3") from None
+        raise SweepError(f"--gpus {options.gpus!r}: expected GPU ids like 0,1,2,3") from None
     import mxnet as mx
 
     available = mx.context.num_gpus()
     missing = [g for g in ids if not 0 <= g < available]
     if not ids or missing:
-        raise SweepError(f"--gpus {args.gpus}: GPU {missing or ids} does not exist here (MXNet sees {available} "
+        raise SweepError(f"--gpus {options.gpus}: GPU {missing or ids} does not exist here (MXNet sees {available} "
                          f"GPUs{': ids 0..' + str(available - 1) if available else ''}); on a CPU use --workers N")
     return [Device("gpu", g) for g in ids]

@@ -7,6 +7,7 @@ import os
 from gluon_imagenet import best
 from gluon_imagenet.rundir import RunRecord
 from gluon_imagenet.sweep_eval.jobs import Job
+from gluon_imagenet.sweep_eval.options import SweepOptions
 from gluon_imagenet.sweep_eval.plan import SweepError
 from gluon_imagenet.sweep_eval.results import ResultStore
 from gluon_imagenet.sweep_eval.settings import describe_setting, is_default
@@ -197,16 +198,16 @@ def plot(data: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def targets_for(args, classes: int) -> tuple[float | None, float | None]:
+def targets_for(options: SweepOptions, classes: int) -> tuple[float | None, float | None]:
     """The targets to report on; a top-5 target with 5 classes or fewer is refused (any network reaches it), and
     the default target is then top-1 (said so)."""
     if best.top5_meaningful(classes):
-        return resolve_targets(args.target_top5, args.target_top1)
-    if args.target_top5 is not None:
-        raise SweepError(f"--target-top5 {args.target_top5:g}: the run has {classes} classes, so top-5 is 100% for "
+        return resolve_targets(options.target_top5, options.target_top1)
+    if options.target_top5 is not None:
+        raise SweepError(f"--target-top5 {options.target_top5:g}: the run has {classes} classes, so top-5 is 100% for "
                          "any network and the target means nothing; give --target-top1 instead")
-    targets = resolve_targets(None, args.target_top1, classes)
-    if args.target_top1 is None:
+    targets = resolve_targets(None, options.target_top1, classes)
+    if options.target_top1 is None:
         print(f"with {classes} classes top-5 is 100% for any network: the target is top-1 >= {targets[1]:.2%} "
               "(choose one with --target-top1)")
     return targets
@@ -217,7 +218,7 @@ def accuracies(row: dict, top5_meaningful: bool) -> str:
     return f"top-1 {row['top1']:.2%}, top-5 {top5}"
 
 
-def report(args, run: RunRecord, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
+def report(options: SweepOptions, run: RunRecord, store: ResultStore, jobs: list[Job], targets: tuple) -> None:
     """The table (per checkpoint: the default setting and the best one), the time to the targets of both, the
     best result, sweep.png."""
     rows = store.rows(k for j in jobs for k in j.keys)
@@ -250,7 +251,7 @@ def report(args, run: RunRecord, store: ResultStore, jobs: list[Job], targets: t
         chosen = best_row(rows, *targets)
         print(f"the best result: {chosen['checkpoint']} with setting {describe_setting(chosen)} "
               f"({accuracies(chosen, top5_meaningful)}; {best.describe(metric)})")
-    png = os.path.join(args.run_dir, "sweep.png")
-    plot(plot_data(rows, run, targets, f"{args.run_dir}: {args.size_policy} size policy, center crop "
-                   f"{args.crop_fraction:g}", top5_meaningful), png)
+    png = os.path.join(options.run_dir, "sweep.png")
+    plot(plot_data(rows, run, targets, f"{options.run_dir}: {options.size_policy} size policy, center crop "
+                   f"{options.crop_fraction:g}", top5_meaningful), png)
     print(f"results: {store.csv_path}, {store.json_path}, {png}")

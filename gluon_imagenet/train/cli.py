@@ -36,18 +36,22 @@ from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT, PACK_LOCK
 from gluon_imagenet.names import MODELS
 from gluon_imagenet.recipe import LR_SCALING_RULES
 from gluon_imagenet.recipe_fields import RecipeError
+from gluon_imagenet.train.options import TrainOptions
 from gluon_imagenet.train.setup import SetupError, run_lock, choose_checkpoint, prepare, run_facts, write_run_json
 
 
-def parse_args(argv):
+def parse_args(argv) -> TrainOptions:
+    """The checked options (SetupError names a value that means nothing); argparse exits on a malformed one."""
     p = argparse.ArgumentParser(prog="python -m gluon_imagenet.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/imagenet104.yaml is the seed's)")
     p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help=f"packed data root (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--run-dir", help="folder for checkpoints and logs (required unless --synthetic/--io-only)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --run-dir")
-    p.add_argument("--ctx", choices=("cpu", "gpu"), help="device (default: gpu if MXNet sees one)")
-    p.add_argument("--model", choices=MODELS, default="resnet50_v1b")
+    p.add_argument("--ctx", choices=("cpu", "gpu"),
+                   help="device: every rank on its local GPU, or the CPU (default: gpu if MXNet sees one)")
+    p.add_argument("--model", choices=MODELS, default="resnet50_v1b",
+                   help="network to train (default: %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: float16 with dynamic loss scaling on GPUs (default there), bfloat16 on "
                         "CPUs that have bfloat16 instructions (default off on CPUs)")
@@ -61,7 +65,9 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=20, help="progress line every N steps (default: 20)")
     p.add_argument("--nan-patience", type=int, default=10,
                    help="stop after this many consecutive non-finite losses (default: 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of MXNet's random numbers (the initial weights) and of the training data's shuffling "
+                        "(default: 0)")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="folder for TensorBoard event files, written by rank 0 (default: "
                         f"RUN_DIR/{rundir.TENSORBOARD_DIR})")
@@ -72,11 +78,13 @@ def parse_args(argv):
                    help="one step of each phase not yet trained, in a child process, before training: refuses a "
                         "phase that will not fit (default: on GPUs)")
     p.add_argument("--bench-steps", type=int, default=20, help="steps per phase for --synthetic/--io-only")
-    return p.parse_args(argv)
+    options = TrainOptions(**vars(p.parse_args(argv)))
+    check_args(options)
+    return options
 
 
-def check_args(args) -> None:
-    """Values argparse accepts but that mean nothing."""
+def check_args(args: TrainOptions) -> None:
+    """Values argparse accepts but that mean nothing (SetupError names the flag and what it must be)."""
     for name, minimum in (("log_every", 1), ("bench_steps", 1), ("save_every_steps", 0), ("keep_mid_epoch", 0),
                           ("threads", 0), ("nan_patience", 0)):
         value = getattr(args, name)
@@ -118,9 +126,8 @@ def _leave_after_stop(code: int):
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
     try:
-        check_args(args)
+        args = parse_args(argv)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -178,7 +185,8 @@ def _main(argv: list[str] | None) -> int:
         if stop_together(problem, "resume_check"):
             return 2
         from gluon_imagenet.train.memory_probe import trainer_check
-        if stop_together(trainer_check(args, setup, ranks, resume_from), "memory_check"):
+        if stop_together(trainer_check(setup, ranks, resume_from, model=args.model, memory_check=args.memory_check),
+                         "memory_check"):
             return 2
         if ranks.is_main:
             write_run_json(args, setup, ranks, environment, resume_from)

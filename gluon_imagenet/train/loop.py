@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mxnet as mx
 
 from gluon_imagenet import checkpoint
+from gluon_imagenet.model import is_running_stat
 from gluon_imagenet.data.iterators import Augmentation, BatchStream, Shard, train_iterator
 from gluon_imagenet.schedule import PhasePlan, Plan, epoch_at, epochs_done, images_at, lr_at, phase_at
 from gluon_imagenet.train.progress import ProgressLog, StepRecord
@@ -218,7 +219,7 @@ def restore_ema(ema, ckpt: checkpoint.Checkpoint, ranks) -> None:
 
 def running_stats_finite(net) -> bool:
     flags = [mx.nd.contrib.isfinite(p.data()).min() for name, p in net._collect_params_with_prefix().items()
-             if p.grad_req == "null" and "running" in name]
+             if is_running_stat(name, p)]
     return bool(mx.nd.concat(*[f.reshape((1,)) for f in flags], dim=0).min().asscalar()) if flags else True
 
 

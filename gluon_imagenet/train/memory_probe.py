@@ -239,15 +239,15 @@ def untrained_phases(plan, done_steps: int) -> list:
     return [(p.index + 1, p) for p in plan.phases if p.end_step > done_steps]
 
 
-def trainer_check(args, setup, ranks, resume_from) -> str:
-    """The trainer's check at start, on GPUs (or with --memory-check), of the phases not yet trained: "" or the
-    refusal. Each rank probes its own device."""
-    wanted = setup.device.kind == "gpu" if args.memory_check is None else args.memory_check
+def trainer_check(setup, ranks, resume_from, *, model: str, memory_check: bool | None) -> str:
+    """The trainer's check at start, on GPUs (memory_check None: --memory-check not given) or with
+    --memory-check, of the phases not yet trained: "" or the refusal. Each rank probes its own device."""
+    wanted = setup.device.kind == "gpu" if memory_check is None else memory_check
     if not wanted:
         return ""
     phases = untrained_phases(setup.plan, resume_from.step if resume_from else 0)
     device = f"gpu:{setup.device.index}" if setup.device.kind == "gpu" else "cpu"
-    probes = phase_probes(phases, args.model, len(setup.classes), device, setup.amp_dtype, setup.plan.recipe)
+    probes = phase_probes(phases, model, len(setup.classes), device, setup.amp_dtype, setup.plan.recipe)
     ranks.print(f"memory check: one step of each of {len(probes)} phase(s) on {setup.device} (--no-memory-check "
                 "skips it)")
     try:

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT
 from gluon_imagenet.files import atomic_open
 
 RUN_JSON = "run.json"
@@ -151,6 +152,11 @@ class RunRecord:
         except RecipeError as e:
             raise RunDirError(str(e)) from None
         return recipe.resolved_eval_image_size, recipe.resolved_eval_data_dir
+
+    def data_root_or(self, given: str | None) -> str:
+        """The data root a reader of this run uses (the sweep, export): the one given (--data-root), else the one
+        the run trained on, else the packer's default."""
+        return given or self.data_root or DEFAULT_DATA_ROOT
 
     def tensorboard_dir(self, run_dir: str) -> str | None:
         """The trainer's event folder for this run (None: trained with --no-tensorboard)."""

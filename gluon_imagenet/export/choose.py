@@ -37,7 +37,7 @@ def read_sweep(run_dir: str) -> tuple[list[dict], str | None]:
 
 def data_root_of(data_root: str | None, run: RunRecord) -> str:
     """The data root export reads (absolute): `data_root` (--data-root) if given, else the run's."""
-    return os.path.abspath(data_root or run.data_root or packed.DEFAULT_DATA_ROOT)
+    return os.path.abspath(run.data_root_or(data_root))
 
 
 def current_identity(data_root: str, data_dir: str) -> str | None:

@@ -45,7 +45,6 @@ import time
 
 from gluon_imagenet import best, checkpoint, locks, stops
 from gluon_imagenet.data.images import DEFAULT_CROP_FRACTION
-from gluon_imagenet.data.packed import DEFAULT_DATA_ROOT
 from gluon_imagenet.devices import Device, usable_cpus
 from gluon_imagenet.rundir import TRAIN_LOCK, RunDirError, RunRecord
 from gluon_imagenet.sweep_eval.evaluate import run_jobs
@@ -250,7 +249,7 @@ def sweep_main(options: SweepOptions) -> int:
     try:
         run = RunRecord.read(options.run_dir)
         check_from_epoch(options, run)
-        data_root = options.data_root or run.data_root or DEFAULT_DATA_ROOT
+        data_root = run.data_root_or(options.data_root)
         if not os.path.isdir(data_root):
             raise SweepError(f"data root {data_root!r} does not exist: pass --data-root")
         check_classes(run, data_root)
